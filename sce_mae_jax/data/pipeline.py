@@ -1,0 +1,143 @@
+"""grain input pipelines: per-process sharding, per-epoch shuffling, resumable iterator state, augmentation.
+
+Every source yields 136-px uint8 images (see `sources.py`); pipelines emit uint8 (batch, 96, 96, 3) so the
+host→device copy is a quarter of float32, and the jitted step normalises with `normalize`.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image
+
+# CelebA statistics (method.md §1), used for every dataset so that features are comparable across them.
+MEAN_RGB = (0.5084, 0.4224, 0.3769)
+STD_RGB = (0.2599, 0.2371, 0.2323)
+
+
+def normalize(images_uint8: jax.Array, dtype=jnp.float32) -> jax.Array:
+    """uint8 (..., 3) → float (x/255 − mean)/std; runs inside the jitted step."""
+    x = images_uint8.astype(jnp.float32) / 255.0
+    x = (x - jnp.asarray(MEAN_RGB)) / jnp.asarray(STD_RGB)
+    return x.astype(dtype)
+
+
+def denormalize(images: np.ndarray) -> np.ndarray:
+    """Inverse of `normalize`, to uint8, for figures."""
+    x = np.asarray(images, np.float32) * np.asarray(STD_RGB) + np.asarray(MEAN_RGB)
+    return np.clip(np.round(x * 255.0), 0, 255).astype(np.uint8)
+
+
+def center_crop(image: np.ndarray, size: int) -> np.ndarray:
+    """Centre crop (H, W, C) → (size, size, C); for 136 → 96 this removes 20 px each side (DVE protocol)."""
+    top = (image.shape[0] - size) // 2
+    left = (image.shape[1] - size) // 2
+    return image[top:top + size, left:left + size]
+
+
+def random_resized_crop(image: np.ndarray, size: int, rng: np.random.Generator,
+                        scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3)) -> np.ndarray:
+    """torchvision's RandomResizedCrop (10 tries, then a centre crop), bicubic as in the MAE recipe."""
+    h, w = image.shape[:2]
+    area = h * w
+    log_ratio = np.log(ratio)
+    box = None
+    for _ in range(10):
+        target_area = area * rng.uniform(*scale)
+        aspect = np.exp(rng.uniform(*log_ratio))
+        cw = int(round(np.sqrt(target_area * aspect)))
+        ch = int(round(np.sqrt(target_area / aspect)))
+        if 0 < cw <= w and 0 < ch <= h:
+            top = int(rng.integers(0, h - ch + 1))
+            left = int(rng.integers(0, w - cw + 1))
+            box = (left, top, left + cw, top + ch)
+            break
+    if box is None:
+        in_ratio = w / h
+        cw, ch = (w, int(round(w / ratio[0]))) if in_ratio < ratio[0] else (
+            (int(round(h * ratio[1])), h) if in_ratio > ratio[1] else (w, h))
+        left, top = (w - cw) // 2, (h - ch) // 2
+        box = (left, top, left + cw, top + ch)
+    return np.asarray(Image.fromarray(image).resize((size, size), Image.BICUBIC, box=box))
+
+
+def pretrain_augment(size: int, scale=(0.2, 1.0), flip: bool = True) -> Callable:
+    """Stage-1 augmentation (method.md §1 decision): random resized crop to `size` + horizontal flip."""
+    def fn(example, rng: np.random.Generator):
+        img = random_resized_crop(example['image'], size, rng, scale=tuple(scale))
+        if flip and rng.uniform() < 0.5:
+            img = img[:, ::-1]
+        return {'image': np.ascontiguousarray(img)}
+    return fn
+
+
+def eval_transform(size: int) -> Callable:
+    """Centre crop to the model frame; landmarks (if any) move with it."""
+    def fn(example):
+        img = example['image']
+        out = {'image': np.ascontiguousarray(center_crop(img, size))}
+        if 'landmarks' in example:
+            off = (img.shape[1] - size) // 2, (img.shape[0] - size) // 2
+            out['landmarks'] = (example['landmarks'] - np.asarray(off, np.float32)).astype(np.float32)
+        return out
+    return fn
+
+
+class _ProcessSlice:
+    """This process's view of a global example stream: rows [offset, offset + local) of every global batch.
+
+    Shuffling and augmentation are keyed by the *global* position, so the global batch at every step is the
+    same whatever the number of processes (a 2-host run reproduces a 1-host run), and each host reads only
+    its own examples.
+    """
+
+    def __init__(self, ds, global_batch: int, local_batch: int, offset: int):
+        self.ds, self.global_batch, self.local_batch, self.offset = ds, global_batch, local_batch, offset
+
+    def __len__(self):
+        return len(self.ds) // self.global_batch * self.local_batch
+
+    def __getitem__(self, k):
+        return self.ds[(k // self.local_batch) * self.global_batch + self.offset + k % self.local_batch]
+
+
+def train_iterator(source, *, global_batch: int, seed: int, transform: Callable, random: bool = True,
+                   num_workers: int = 0, num_threads: int = 8):
+    """Infinite, epoch-shuffled iterator of this process's slice of each global batch, with
+    `get_state`/`set_state` (checkpointed with orbax). `transform` is `fn(example, rng)` when `random` else
+    `fn(example)`; its rng depends on (seed, global position) only.
+    """
+    pc, pi = jax.process_count(), jax.process_index()
+    if global_batch % pc:
+        raise ValueError(f'batch_size={global_batch} must be divisible by the number of processes ({pc})')
+    if len(source) < global_batch:
+        raise ValueError(f'the dataset has {len(source)} examples, fewer than one batch ({global_batch}); '
+                         'lower --config.batch_size or use a bigger split')
+    local_batch = global_batch // pc
+    ds = grain.MapDataset.source(source).seed(seed).shuffle().repeat()
+    ds = ds.random_map(transform) if random else ds.map(transform)
+    ds = grain.MapDataset.source(_ProcessSlice(ds, global_batch, local_batch, pi * local_batch))
+    ds = ds.batch(local_batch, drop_remainder=True)
+    it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=2 * num_threads))
+    if num_workers > 0:
+        it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+    return iter(it_ds)
+
+
+class ArraySource:
+    """In-memory random-access source over a dict of equally long arrays (tests, imported pairs)."""
+
+    def __init__(self, **arrays):
+        lens = {len(v) for v in arrays.values()}
+        if len(lens) != 1:
+            raise ValueError(f'arrays differ in length: { {k: len(v) for k, v in arrays.items()} }')
+        self.arrays = arrays
+
+    def __len__(self):
+        return len(next(iter(self.arrays.values())))
+
+    def __getitem__(self, i):
+        return {k: v[i] for k, v in self.arrays.items()}

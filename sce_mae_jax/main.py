@@ -1,0 +1,71 @@
+"""Entry point for every job: `python -m sce_mae_jax.main --config=configs/X.py[:arg] --workdir=DIR`.
+
+The config's `job` field picks the trainer (`pretrain`: stage 1, `carb`: stage 2). Any field can be changed
+with `--config.a.b=value`; unknown fields are rejected. On a multi-host TPU pod pass `--distributed`; to run
+several processes by hand (or in tests) pass the coordinator address, process count and id.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+config_flags.DEFINE_config_file('config', None, 'Job config file (configs/*.py[:arg]).', lock_config=True)
+flags.DEFINE_string('workdir', None, 'Where checkpoints, metrics and figures go; rerun to resume.')
+flags.DEFINE_bool('distributed', False, 'Call jax.distributed.initialize() with no arguments (Cloud TPU pods, '
+                  'SLURM): every host runs the same command.')
+flags.DEFINE_string('coordinator_address', None, 'host:port of process 0, for a hand-launched multi-process run.')
+flags.DEFINE_integer('num_processes', 1, 'With --coordinator_address: number of processes.')
+flags.DEFINE_integer('process_id', 0, 'With --coordinator_address: this process.')
+
+JOBS = {'pretrain': 'sce_mae_jax.train.pretrain', 'carb': 'sce_mae_jax.train.carb'}
+
+
+def user_errors() -> tuple[type, ...]:
+    from sce_mae_jax.train.common import ConfigError
+    errs: list[type] = [ConfigError]
+    try:
+        from sce_mae_jax.data.sources import DatasetError
+        errs.append(DatasetError)
+    except ImportError:
+        pass
+    return tuple(errs)
+
+
+class _QuietLibraries:
+    """Drops INFO records from orbax (dozens per checkpoint), keeping its warnings and ours."""
+
+    def filter(self, record):
+        return record.levelno > 20 or 'orbax' not in record.pathname
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+    logging.get_absl_handler().addFilter(_QuietLibraries())
+    import jax
+    if FLAGS.coordinator_address:
+        jax.distributed.initialize(FLAGS.coordinator_address, num_processes=FLAGS.num_processes,
+                                   process_id=FLAGS.process_id)
+    elif FLAGS.distributed:
+        jax.distributed.initialize()
+    config = FLAGS.config
+    job = config.get('job')
+    if job not in JOBS:
+        sys.exit(f'error: config.job={job!r} is not one of {sorted(JOBS)}')
+    logging.info('job %s on %d devices, %d processes; config:\n%s', job, jax.device_count(), jax.process_count(),
+                 config)
+    try:
+        importlib.import_module(JOBS[job]).train(config, FLAGS.workdir)
+    except user_errors() as e:
+        logging.error('%s', e)
+        sys.exit(f'error: {e}')
+
+
+FLAGS = flags.FLAGS
+
+if __name__ == '__main__':
+    flags.mark_flags_as_required(['config', 'workdir'])
+    app.run(main)

@@ -1,0 +1,215 @@
+"""DeiT-style ViT encoder that exposes what stage 2 needs: the tokens and the CLS attention of any block.
+
+Parameter names mirror facebookresearch/mae (`patch_embed`, `blocks_i/{norm1,attn/{qkv,proj},norm2,mlp/{fc1,fc2}}`,
+`norm`) so that `convert.py` is a transpose per leaf, not a rename table.
+
+Shapes: images (batch, H, W, 3) NHWC float; patch tokens (batch, N, D) with N = (H/p)·(W/p) in row-major order.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# Sizes of the DeiT family (paper 001 §4; encoder parameter counts 5.4M / 21.4M / 85.3M).
+DEIT = {
+    'tiny': dict(embed_dim=192, depth=12, num_heads=3),
+    'small': dict(embed_dim=384, depth=12, num_heads=6),
+    'base': dict(embed_dim=768, depth=12, num_heads=12),
+}
+
+LN_EPS = 1e-6  # the reference MAE/timm value; Flax's default is 1e-5.
+xavier = nn.initializers.xavier_uniform()
+
+
+def sincos_pos_embed_2d(dim: int, grid_h: int, grid_w: int) -> np.ndarray:
+    """Fixed 2-D sin-cos position embedding, (grid_h·grid_w, dim), computed in float64 as the reference MAE.
+
+    The first half of the channels encodes the column index and the second half the row index; that is the
+    reference's (unintuitive) order and a converted PyTorch checkpoint only works with it.
+    """
+    if dim % 4:
+        raise ValueError(f'position-embedding width must be divisible by 4, got {dim}')
+    omega = 1.0 / 10000 ** (np.arange(dim // 4, dtype=np.float64) / (dim / 4.0))
+    rows, cols = np.meshgrid(np.arange(grid_h, dtype=np.float64), np.arange(grid_w, dtype=np.float64),
+                             indexing='ij')
+
+    def embed_1d(pos):
+        out = np.einsum('m,d->md', pos.reshape(-1), omega)
+        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+    return np.concatenate([embed_1d(cols), embed_1d(rows)], axis=1).astype(np.float32)
+
+
+def sincos_init(grid_h: int, grid_w: int):
+    """Initialiser for a (1, 1 + N, dim) position table: a zero CLS row, then `sincos_pos_embed_2d`."""
+    def init(key, shape, dtype=jnp.float32):
+        del key
+        table = sincos_pos_embed_2d(shape[-1], grid_h, grid_w)
+        return jnp.asarray(np.concatenate([np.zeros((1, shape[-1]), np.float32), table])[None], dtype)
+    return init
+
+
+def patchify(images: jax.Array, patch: int) -> jax.Array:
+    """(batch, H, W, C) → (batch, N, patch·patch·C); N row-major, each patch ordered (row, column, channel)."""
+    b, h, w, c = images.shape
+    x = images.reshape(b, h // patch, patch, w // patch, patch, c)
+    x = x.transpose(0, 1, 3, 2, 4, 5)
+    return x.reshape(b, (h // patch) * (w // patch), patch * patch * c)
+
+
+def unpatchify(patches: jax.Array, patch: int, grid_h: int, grid_w: int) -> jax.Array:
+    """Inverse of `patchify`: (batch, N, patch·patch·C) → (batch, H, W, C)."""
+    b = patches.shape[0]
+    c = patches.shape[-1] // (patch * patch)
+    x = patches.reshape(b, grid_h, grid_w, patch, patch, c).transpose(0, 1, 3, 2, 4, 5)
+    return x.reshape(b, grid_h * patch, grid_w * patch, c)
+
+
+def torch_linear_bias_init(fan_in: int):
+    """PyTorch's default Linear/Conv bias init, U(±1/√fan_in): MAE leaves the patch-embedding bias at it."""
+    bound = 1.0 / np.sqrt(fan_in)
+    return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with one fused qkv projection (a D → 3D matrix, as in the reference).
+
+    Returns the attended tokens and, when asked, the CLS query's logits against the patch keys,
+    q_cls·K/√d per head, shape (batch, heads, N) — eq. 1 of the paper softmaxes these over the patches.
+    """
+    num_heads: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, key_mask=None, return_cls_logits=False):
+        b, t, d = x.shape
+        hd = d // self.num_heads
+        qkv = nn.Dense(3 * d, dtype=self.dtype, kernel_init=xavier, name='qkv')(x)
+        qkv = qkv.reshape(b, t, 3, self.num_heads, hd)
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        mask = None if key_mask is None else key_mask[:, None, None, :]
+        out = jax.nn.dot_product_attention(q, k, v, mask=mask)
+        out = nn.Dense(d, dtype=self.dtype, kernel_init=xavier, name='proj')(out.reshape(b, t, d))
+        if not return_cls_logits:
+            return out, None
+        scale = 1.0 / np.sqrt(hd)
+        cls_logits = jnp.einsum('bhd,bnhd->bhn', q[:, 0].astype(jnp.float32), k[:, 1:].astype(jnp.float32)) * scale
+        return out, cls_logits
+
+
+class Mlp(nn.Module):
+    hidden: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        d = x.shape[-1]
+        x = nn.Dense(self.hidden, dtype=self.dtype, kernel_init=xavier, name='fc1')(x)
+        x = nn.gelu(x, approximate=False)  # exact erf GELU as in PyTorch; Flax's default is the tanh form.
+        return nn.Dense(d, dtype=self.dtype, kernel_init=xavier, name='fc2')(x)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block. `key_mask` (batch, T) hides tokens from attention (CARB's mode A)."""
+    num_heads: int
+    mlp_ratio: float = 4.0
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, key_mask=None, return_cls_logits=False):
+        d = x.shape[-1]
+        h, cls_logits = Attention(self.num_heads, self.dtype, name='attn')(
+            nn.LayerNorm(LN_EPS, dtype=self.dtype, name='norm1')(x), key_mask, return_cls_logits)
+        x = x + h
+        x = x + Mlp(int(d * self.mlp_ratio), self.dtype, name='mlp')(
+            nn.LayerNorm(LN_EPS, dtype=self.dtype, name='norm2')(x))
+        return x, cls_logits
+
+
+class ViT(nn.Module):
+    """The MAE encoder: patch embedding, fixed sin-cos positions, CLS token, blocks, final LayerNorm.
+
+    Attributes mirror `DEIT` plus patch/image size. `dtype` is the compute dtype; parameters stay float32.
+    Use `__call__` for the full forward; `embed`, `blocks_forward` and `final_norm` are the pieces the MAE
+    masking and CARB's mode A need.
+    """
+    embed_dim: int = 384
+    depth: int = 12
+    num_heads: int = 6
+    mlp_ratio: float = 4.0
+    patch_size: int = 8
+    image_size: int = 96
+    dtype: Any = jnp.float32
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid * self.grid
+
+    def setup(self):
+        in_dim = self.patch_size * self.patch_size * 3
+        # A Dense on patchified pixels is the reference's stride-p convolution, with its kernel in (row, col, ch)
+        # order, so xavier here is xavier on the conv's (in → D) matrix view exactly as MAE initialises it.
+        self.patch_embed = nn.Dense(self.embed_dim, dtype=self.dtype, kernel_init=xavier,
+                                    bias_init=torch_linear_bias_init(in_dim))
+        self.cls_token = self.param('cls_token', nn.initializers.normal(0.02), (1, 1, self.embed_dim))
+        # A parameter (CLS row first, zeros) like the reference's requires_grad=False tensor, so counts and
+        # converted checkpoints line up; the optimiser never updates it (see train/optim.py FROZEN_PARAMS).
+        self.pos_embed = self.param('pos_embed', sincos_init(self.grid, self.grid), (1, self.num_patches + 1,
+                                                                                 self.embed_dim))
+        self.blocks = [Block(self.num_heads, self.mlp_ratio, self.dtype, name=f'blocks_{i}')
+                       for i in range(self.depth)]
+        self.norm = nn.LayerNorm(LN_EPS, dtype=self.dtype)
+
+    def embed(self, images):
+        """(batch, H, W, 3) → patch tokens with position embeddings, (batch, N, D). No CLS yet."""
+        if images.shape[1] != self.image_size or images.shape[2] != self.image_size:
+            raise ValueError(f'expected {self.image_size}x{self.image_size} images, got {images.shape[1:3]}')
+        x = self.patch_embed(patchify(images.astype(self.dtype), self.patch_size))
+        return x + self.pos_embed[:, 1:].astype(x.dtype)
+
+    def prepend_cls(self, x):
+        cls = (self.cls_token + self.pos_embed[:, :1]).astype(x.dtype)
+        return jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, self.embed_dim)), x], axis=1)
+
+    def blocks_forward(self, x, start: int = 0, stop: int | None = None, key_mask=None,
+                       capture: Sequence[int] = ()):
+        """Runs blocks[start:stop] on (batch, T, D) tokens (CLS first).
+
+        Returns (x, outputs, cls_logits): `outputs[i]` is the token sequence after block i and `cls_logits[i]`
+        the CLS-query logits (batch, heads, T−1) of block i's attention, for every i in `capture`.
+        """
+        stop = self.depth if stop is None else stop
+        outputs, cls_logits = {}, {}
+        for i in range(start, stop):
+            x, logits = self.blocks[i](x, key_mask, i in capture)
+            if i in capture:
+                outputs[i], cls_logits[i] = x, logits
+        return x, outputs, cls_logits
+
+    def final_norm(self, x):
+        return self.norm(x)
+
+    def __call__(self, images, capture: Sequence[int] = ()):
+        """Full encoder on all patches. Returns a dict:
+        `tokens` (batch, N, D) final normed patch tokens, `cls` (batch, D) final normed CLS,
+        `layers` {i: (batch, N, D)} patch tokens after block i (not normed), `cls_logits` {i: (batch, heads, N)}.
+        """
+        x = self.prepend_cls(self.embed(images))
+        x, outputs, cls_logits = self.blocks_forward(x, capture=capture)
+        x = self.norm(x)
+        return dict(tokens=x[:, 1:], cls=x[:, 0], layers={i: o[:, 1:] for i, o in outputs.items()},
+                    cls_logits=cls_logits)
+
+
+def vit_for(size: str, **kwargs) -> ViT:
+    """`vit_for('small')` → DeiT-S encoder."""
+    return ViT(**DEIT[size], **kwargs)
+

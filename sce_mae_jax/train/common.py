@@ -1,0 +1,247 @@
+"""What both trainers share: the device mesh, global batches, checkpoints, metric writing, preemption.
+
+The step functions are pure and `jax.jit`-ed over a 1-D mesh of every device of every process: parameters are
+replicated (`P()`), the batch is split on the `data` axis, and XLA inserts the gradient all-reduce. This is
+the SPMD form of a pmapped step and runs unchanged on 1 CPU, simulated devices, several hosts, GPU and TPU.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import logging
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+
+class ConfigError(ValueError):
+    """A user-facing problem with the config, workdir or a checkpoint; the message says how to fix it."""
+
+
+# ---------------------------------------------------------------------------------------------- mesh & batches
+def make_mesh() -> jax.sharding.Mesh:
+    # Auto axis types: 0.10's default (Explicit) rejects the patchify reshape of a sharded batch.
+    return jax.make_mesh((jax.device_count(),), ('data',), axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def replicated(mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def data_sharded(mesh) -> NamedSharding:
+    return NamedSharding(mesh, P('data'))
+
+
+def check_batch_size(global_batch: int) -> None:
+    if global_batch % jax.device_count():
+        raise ConfigError(f'batch_size={global_batch} is not divisible by the {jax.device_count()} devices; '
+                          f'set --config.batch_size to a multiple of {jax.device_count()}')
+
+
+def global_batch(local: dict, sharding: NamedSharding) -> dict:
+    """Per-process NumPy slices → one global array per key, batch split over the `data` axis."""
+    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local.items()}
+
+
+def replicate(tree, mesh):
+    return jax.device_put(tree, replicated(mesh))
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+def checkpoint_manager(workdir: str, *, max_to_keep: int, save_interval_steps: int,
+                       with_data_iter: bool = True) -> ocp.CheckpointManager:
+    """Asynchronous orbax manager. Orbax writes each step into a temporary directory and renames it only once
+    complete, so a crash never leaves a half-written latest checkpoint."""
+    import grain  # local: grain's checkpoint handler registration
+    handlers = {'state': ocp.StandardCheckpointHandler()}
+    if with_data_iter:
+        handlers['data_iter'] = grain.checkpoint.CheckpointHandler()
+    opts = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, save_interval_steps=save_interval_steps,
+                                        enable_async_checkpointing=True, create=True)
+    return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), 'checkpoints'), options=opts,
+                                 item_handlers=handlers)
+
+
+def save_checkpoint(mngr, step: int, state, data_iter=None, force: bool = False) -> bool:
+    import grain
+    args = {'state': ocp.args.StandardSave(state)}
+    if data_iter is not None:
+        args['data_iter'] = grain.checkpoint.CheckpointSave(data_iter)
+    return mngr.save(step, args=ocp.args.Composite(**args), force=force)
+
+
+def _shape_mismatches(saved_meta, abstract, prefix=''):
+    """Lists 'path: checkpoint shape vs config shape' for leaves that differ (bounded)."""
+    out = []
+    flat_a = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_flatten_with_path(abstract)[0]}
+    flat_s = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_flatten_with_path(saved_meta)[0]}
+    for k in sorted(set(flat_a) | set(flat_s)):
+        a, s = flat_a.get(k), flat_s.get(k)
+        sa = None if a is None else tuple(getattr(a, 'shape', ()))
+        ss = None if s is None else tuple(getattr(s, 'shape', ()))
+        if sa != ss:
+            out.append(f'{prefix}{k}: checkpoint {ss} vs config {sa}')
+    return out
+
+
+def restore_checkpoint(mngr, step: int, abstract_state, data_iter=None):
+    """Restores `state` (onto the shardings carried by `abstract_state`) and the iterator, in place.
+
+    A checkpoint from another model size stops with a message listing the differing parameters instead of
+    orbax's internal shape error.
+    """
+    import grain
+    meta = mngr.item_metadata(step)
+    saved = meta['state'] if meta is not None and 'state' in meta else None
+    if saved is not None:
+        bad = _shape_mismatches(saved, abstract_state)
+        if bad:
+            raise ConfigError(
+                f'checkpoint {mngr.directory}/{step} does not fit this config (a different model size or '
+                f'optimiser?): ' + '; '.join(bad[:6]) + (f' ... ({len(bad)} in all)' if len(bad) > 6 else '') +
+                '. Use a fresh --workdir, or the config that wrote it.')
+    args = {'state': ocp.args.StandardRestore(abstract_state)}
+    if data_iter is not None:
+        args['data_iter'] = grain.checkpoint.CheckpointRestore(data_iter)
+    return mngr.restore(step, args=ocp.args.Composite(**args))['state']
+
+
+def abstract_like(tree, sharding):
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
+
+
+def load_params(path: str) -> dict:
+    """Parameters from a workdir (its latest checkpoint), a `checkpoints/` dir, or one step directory.
+
+    Used for `init_from`: a stage-1 workdir or the output of `python -m sce_mae_jax.convert`.
+    """
+    path = os.path.abspath(os.path.expanduser(path))
+    if not os.path.exists(path):
+        raise ConfigError(f'init_from={path} does not exist; give a stage-1 workdir, its checkpoints/ directory, '
+                          'or a converted checkpoint directory (python -m sce_mae_jax.convert)')
+    ckpt_dir, step = path, None
+    if os.path.isdir(os.path.join(path, 'checkpoints')):
+        ckpt_dir = os.path.join(path, 'checkpoints')
+    elif os.path.basename(path).isdigit() and os.path.isdir(os.path.join(path, 'state')):
+        ckpt_dir, step = os.path.dirname(path), int(os.path.basename(path))
+    mngr = ocp.CheckpointManager(ckpt_dir, item_handlers={'state': ocp.StandardCheckpointHandler()})
+    step = mngr.latest_step() if step is None else step
+    if step is None:
+        raise ConfigError(f'no checkpoint found under {ckpt_dir} (expected numbered step directories holding '
+                          '`state/`, as written by training or by sce_mae_jax.convert)')
+    state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))['state']
+    mngr.close()
+    if 'params' not in state:
+        raise ConfigError(f'checkpoint {ckpt_dir}/{step} has no `params` entry (keys: {sorted(state)})')
+    return jax.tree.map(np.asarray, state['params'])
+
+
+# ---------------------------------------------------------------------------------------------- metrics
+class MetricWriter:
+    """Console, `metrics.jsonl` (one object per logged step) and TensorBoard events, from process 0 only.
+
+    TensorBoard files come from tensorboardX, which needs no TensorFlow (clu.metric_writers imports TF).
+    """
+
+    def __init__(self, workdir: str):
+        self.active = jax.process_index() == 0
+        self._jsonl = self._tb = None
+        if self.active:
+            os.makedirs(workdir, exist_ok=True)
+            self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a', buffering=1)
+            from tensorboardX import SummaryWriter
+            self._tb = SummaryWriter(os.path.join(workdir, 'tb'))
+
+    def write(self, step: int, metrics: dict[str, Any]) -> None:
+        if not self.active:
+            return
+        scalars = {k: float(v) for k, v in metrics.items()}
+        self._jsonl.write(json.dumps({'step': int(step), **scalars}) + '\n')
+        for k, v in scalars.items():
+            self._tb.add_scalar(k, v, int(step))
+        logging.info('step %d: %s', step, ', '.join(f'{k}={v:.4g}' for k, v in scalars.items()))
+
+    def close(self) -> None:
+        if self.active:
+            self._jsonl.close()
+            self._tb.close()
+
+
+def read_metrics(workdir: str) -> list[dict]:
+    path = os.path.join(workdir, 'metrics.jsonl')
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+class Throughput:
+    """images/s and ETA over the interval since the last call (host time, so it includes input waits)."""
+
+    def __init__(self, global_batch: int, total_steps: int, first_step: int):
+        self.batch, self.total = global_batch, total_steps
+        self.t, self.step = time.time(), first_step
+
+    def __call__(self, step: int) -> dict:
+        now = time.time()
+        dt, ds = now - self.t, step - self.step
+        self.t, self.step = now, step
+        if ds <= 0 or dt <= 0:
+            return {}
+        ips = ds * self.batch / dt
+        return {'images_per_s': ips, 'images_per_s_per_device': ips / jax.device_count(),
+                'eta_hours': (self.total - step) * dt / ds / 3600.0}
+
+
+# ---------------------------------------------------------------------------------------------- run setup
+class PreemptionGuard:
+    """Turns SIGTERM/SIGINT into a flag the loop polls, so it can write a final checkpoint and exit cleanly.
+
+    With several processes every host must agree to stop on the same step, which orbax's
+    `reached_preemption` (backed by the JAX coordination service) provides.
+    """
+
+    def __init__(self):
+        self.signalled = False
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                signal.signal(sig, self._handler)
+            except ValueError:  # not the main thread (e.g. tests driving the loop); rely on orbax alone
+                pass
+
+    def _handler(self, signum, frame):
+        del frame
+        logging.warning('received signal %d: checkpointing and stopping', signum)
+        self.signalled = True
+
+    def should_stop(self, mngr, step: int) -> bool:
+        if jax.process_count() > 1:
+            return bool(mngr.reached_preemption(step))
+        return self.signalled or bool(mngr.reached_preemption(step))
+
+
+def prepare_workdir(workdir: str, config) -> None:
+    parent = os.path.dirname(os.path.abspath(workdir))
+    if not os.path.isdir(parent):
+        raise ConfigError(f'the parent directory of --workdir ({parent}) does not exist; create it first '
+                          f'(mkdir -p {parent}) or choose another workdir')
+    os.makedirs(workdir, exist_ok=True)
+    if jax.process_index() == 0:
+        tmp = os.path.join(workdir, 'config.json.tmp')
+        with open(tmp, 'w') as f:
+            f.write(config.to_json_best_effort(indent=2))
+        os.replace(tmp, os.path.join(workdir, 'config.json'))
+
+
+def tree_size(tree) -> int:
+    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
+
+
+def dtype_of(name: str):
+    return {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}[name]

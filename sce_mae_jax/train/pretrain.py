@@ -1,0 +1,163 @@
+"""Stage 1: MAE pretraining. One pure step jitted over the mesh, and the loop around it.
+
+    python -m sce_mae_jax.main --config=configs/mae_deit_s.py --workdir=DIR
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+from PIL import Image
+
+from sce_mae_jax.data import pipeline
+from sce_mae_jax.models.mae import MAE
+from sce_mae_jax.models.vit import patchify, unpatchify
+from sce_mae_jax.train import common, optim
+
+
+# ---------------------------------------------------------------------------------------------- model & optimiser
+def build(config, dataset_len: int):
+    """(model, optimiser, schedule, total_steps) for a config."""
+    model = MAE(**config.model)
+    total, warmup = optim.steps_for(config, dataset_len)
+    lr = config.base_lr * config.batch_size / 256  # the MAE linear scaling rule
+    schedule = optim.warmup_cosine(lr, total, warmup)
+    tx = optim.mae_optimizer(schedule, config.weight_decay, config.b1, config.b2)
+    return model, tx, schedule, total
+
+
+def init_state(model, tx, seed: int):
+    """{'step', 'params', 'opt_state', 'rng'}: a plain pytree so orbax and jit treat it as data."""
+    rng = jax.random.PRNGKey(seed)
+    size = model.image_size
+    params = model.init({'params': jax.random.fold_in(rng, 0), 'masking': jax.random.fold_in(rng, 1)},
+                        jnp.zeros((1, size, size, 3), jnp.float32))['params']
+    return {'step': jnp.zeros((), jnp.int32), 'params': params, 'opt_state': tx.init(params),
+            'rng': jax.random.fold_in(rng, 2)}
+
+
+# ---------------------------------------------------------------------------------------------- the step
+def train_step(state, batch, *, model, tx, schedule):
+    """One MAE update on a global batch of uint8 images. Pure; masking noise is a function of (rng, step),
+    so the same step gives the same mask whatever the device count or a resume."""
+    rng = jax.random.fold_in(state['rng'], state['step'])
+    images = pipeline.normalize(batch['image'])
+
+    def loss_fn(params):
+        loss, _, _ = model.apply({'params': params}, images, rngs={'masking': rng})
+        return loss
+
+    loss, grads = jax.value_and_grad(loss_fn)(state['params'])
+    updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
+    params = optax.apply_updates(state['params'], updates)
+    metrics = {'loss': loss, 'grad_norm': optax.global_norm(grads), 'lr': schedule(state['step'])}
+    return {**state, 'step': state['step'] + 1, 'params': params, 'opt_state': opt_state}, metrics
+
+
+def reconstruct(params, images_uint8, rng, *, model):
+    """(images, masked images, reconstruction with visible patches pasted back), all normalised floats."""
+    images = pipeline.normalize(images_uint8)
+    _, pred, mask = model.apply({'params': params}, images, rngs={'masking': rng})
+    p, g = model.patch_size, model.image_size // model.patch_size
+    target = patchify(images, p)
+    if model.norm_pix_loss:  # predictions are in per-patch normalised units: undo with the true patch stats
+        mean = target.mean(-1, keepdims=True)
+        std = jnp.sqrt(target.var(-1, keepdims=True, ddof=1) + 1e-6)
+        pred = pred * std + mean
+    m = mask[..., None]
+    masked = unpatchify(target * (1 - m), p, g, g)
+    recon = unpatchify(target * (1 - m) + pred * m, p, g, g)
+    return images, masked, recon
+
+
+def save_reconstruction_png(path: str, rows) -> None:
+    """Grid: one row per image; columns original / masked / reconstructed."""
+    rows = [pipeline.denormalize(np.asarray(r)) for r in rows]
+    n = rows[0].shape[0]
+    grid = np.concatenate([np.concatenate([r[i] for r in rows], axis=1) for i in range(n)], axis=0)
+    tmp = path + '.tmp.png'
+    Image.fromarray(grid).save(tmp)
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------- loop
+def train(config, workdir: str) -> dict:
+    from sce_mae_jax.data.sources import get_source
+
+    common.prepare_workdir(workdir, config)
+    mesh = common.make_mesh()
+    common.check_batch_size(config.batch_size)
+    repl, data_sh = common.replicated(mesh), common.data_sharded(mesh)
+
+    source = get_source(config.data, config.get('split', 'pretrain'), manual_dir=config.manual_dir or None,
+                        data_dir=config.data_dir or None, seed=config.data_seed)
+    it = pipeline.train_iterator(
+        source, global_batch=config.batch_size, seed=config.seed,
+        transform=pipeline.pretrain_augment(config.model.image_size, config.input.crop_scale, config.input.flip),
+        num_workers=config.input.workers)
+
+    model, tx, schedule, total_steps = build(config, len(source))
+    state_sh = jax.tree.map(lambda _: repl, jax.eval_shape(functools.partial(init_state, model, tx), config.seed))
+    state = jax.jit(functools.partial(init_state, model, tx), static_argnums=0, out_shardings=state_sh)(config.seed)
+    logging.info('model: %s parameters (encoder %s)', f'{common.tree_size(state["params"]):,}',
+                 f'{common.tree_size(state["params"]["encoder"]):,}')
+
+    mngr = common.checkpoint_manager(workdir, max_to_keep=config.keep_checkpoints,
+                                     save_interval_steps=config.checkpoint_every)
+    if mngr.latest_step() is not None:
+        step0 = mngr.latest_step()
+        logging.info('resuming from %s/%d', mngr.directory, step0)
+        state = common.restore_checkpoint(mngr, step0, common.abstract_like(state, repl), it)
+    elif config.init_from:
+        params = common.load_params(config.init_from)
+        bad = common._shape_mismatches(params, state['params'])
+        if bad:
+            raise common.ConfigError(f'init_from={config.init_from} does not fit config.model: ' + '; '.join(bad[:6]))
+        state = {**state, 'params': common.replicate(params, mesh), 'opt_state': jax.jit(
+            tx.init, out_shardings=state_sh['opt_state'])(common.replicate(params, mesh))}
+
+    step_fn = jax.jit(functools.partial(train_step, model=model, tx=tx, schedule=schedule),
+                      in_shardings=(state_sh, data_sh), out_shardings=(state_sh, repl), donate_argnums=0)
+    # Every process joins this call (the params span all hosts); only process 0 writes the PNG.
+    recon_fn = jax.jit(functools.partial(reconstruct, model=model), out_shardings=repl)
+
+    writer = common.MetricWriter(workdir)
+    guard = common.PreemptionGuard()
+    step = int(state['step'])
+    meter = common.Throughput(config.batch_size, total_steps, step)
+    pending = None  # metrics of the previous step, fetched after the next step is dispatched
+    logging.info('training steps %d → %d on %d devices (%d processes)', step, total_steps,
+                 jax.device_count(), jax.process_count())
+    while step < total_steps:
+        batch = common.global_batch(next(it), data_sh)
+        state, metrics = step_fn(state, batch)
+        step += 1
+        if pending is not None:
+            writer.write(*pending)
+            pending = None
+        if step % config.log_every == 0 or step == total_steps:
+            pending = (step, {**metrics, **meter(step)})
+        if config.figure_every and step % config.figure_every == 0:
+            rows = recon_fn(state['params'], batch['image'][:8], jax.random.PRNGKey(step))
+            if jax.process_index() == 0:
+                os.makedirs(os.path.join(workdir, 'figures'), exist_ok=True)
+                save_reconstruction_png(os.path.join(workdir, 'figures', f'recon_{step:07d}.png'), rows)
+        common.save_checkpoint(mngr, step, state, it)
+        if guard.should_stop(mngr, step):
+            common.save_checkpoint(mngr, step, state, it, force=True)
+            logging.warning('stopped at step %d after a preemption signal; rerun the same command to resume',
+                            step)
+            break
+    if pending is not None:
+        writer.write(*pending)
+    if step == total_steps and mngr.latest_step() != step:
+        common.save_checkpoint(mngr, step, state, it, force=True)
+    mngr.wait_until_finished()
+    mngr.close()
+    writer.close()
+    return {'step': step, 'state': state}

@@ -1,0 +1,116 @@
+"""ViT/MAE: parameter counts, the reference MAE's conventions, and the loss against a NumPy computation."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sce_mae_jax.models.mae import MAE, random_masking_ids
+from sce_mae_jax.models.vit import ViT, patchify, sincos_pos_embed_2d, unpatchify, vit_for
+
+
+@pytest.mark.parametrize('size,count', [('tiny', 5_403_840), ('small', 21_424_512), ('base', 85_316_352)])
+def test_encoder_parameter_counts(size, count):
+    params = jax.eval_shape(vit_for(size).init, jax.random.PRNGKey(0), jnp.zeros((1, 96, 96, 3)))['params']
+    assert sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params)) == count
+
+
+def test_patchify_order_and_inverse():
+    x = np.random.default_rng(0).normal(size=(2, 16, 24, 3)).astype(np.float32)
+    p = np.asarray(patchify(jnp.asarray(x), 8))
+    assert p.shape == (2, 6, 192)
+    # patch 4 = row 1, column 1; value index (r·8 + c)·3 + ch
+    assert p[1, 4, (2 * 8 + 5) * 3 + 1] == x[1, 8 + 2, 8 + 5, 1]
+    np.testing.assert_array_equal(np.asarray(unpatchify(jnp.asarray(p), 8, 2, 3)), x)
+
+
+def test_sincos_first_half_encodes_column():
+    pe = sincos_pos_embed_2d(16, 3, 4)  # 12 positions, row-major
+    k = np.arange(4) / 4.0
+    omega = 1 / 10000 ** k
+    r, c = 2, 3
+    np.testing.assert_allclose(pe[r * 4 + c, :4], np.sin(c * omega), rtol=1e-6)
+    np.testing.assert_allclose(pe[r * 4 + c, 4:8], np.cos(c * omega), rtol=1e-6)
+    np.testing.assert_allclose(pe[r * 4 + c, 8:12], np.sin(r * omega), rtol=1e-6)
+
+
+def _tiny_mae(**kw):
+    return MAE(embed_dim=48, depth=2, num_heads=2, decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2,
+               **kw)
+
+
+def test_masking_is_reference_argsort():
+    noise = np.random.default_rng(1).uniform(size=(3, 144)).astype(np.float32)
+    ids_keep, ids_restore, mask = map(np.asarray, random_masking_ids(jnp.asarray(noise), 0.75))
+    order = np.argsort(noise, axis=1)
+    np.testing.assert_array_equal(ids_keep, order[:, :36])
+    np.testing.assert_array_equal(ids_restore, np.argsort(order, axis=1))
+    expected = np.ones((3, 144))
+    for b in range(3):
+        expected[b, order[b, :36]] = 0
+    np.testing.assert_array_equal(mask, expected)
+
+
+@pytest.mark.parametrize('norm_pix', [True, False])
+def test_loss_matches_numpy(norm_pix):
+    model = _tiny_mae(norm_pix_loss=norm_pix)
+    rng = np.random.default_rng(2)
+    images = rng.normal(size=(2, 96, 96, 3)).astype(np.float32)
+    noise = rng.uniform(size=(2, 144)).astype(np.float32)
+    params = model.init(jax.random.PRNGKey(0), jnp.asarray(images), noise=jnp.asarray(noise))['params']
+    loss, pred, mask = model.apply({'params': params}, jnp.asarray(images), noise=jnp.asarray(noise))
+    assert pred.shape == (2, 144, 192) and mask.shape == (2, 144)
+    np.testing.assert_array_equal(np.asarray(mask).sum(1), [108, 108])
+
+    # Plain NumPy: patches (row, col, channel), unbiased per-patch variance, mean over removed patches.
+    target = images.reshape(2, 12, 8, 12, 8, 3).transpose(0, 1, 3, 2, 4, 5).reshape(2, 144, 192).astype(np.float64)
+    if norm_pix:
+        target = (target - target.mean(-1, keepdims=True)) / np.sqrt(target.var(-1, ddof=1, keepdims=True) + 1e-6)
+    m = np.ones((2, 144))
+    for b in range(2):
+        m[b, np.argsort(noise[b])[:36]] = 0
+    per_patch = ((np.asarray(pred, np.float64) - target) ** 2).mean(-1)
+    np.testing.assert_allclose(float(loss), (per_patch * m).sum() / m.sum(), rtol=1e-5)
+
+
+def test_encoder_sees_only_visible_patches():
+    model = _tiny_mae()
+    rng = np.random.default_rng(3)
+    images = rng.normal(size=(1, 96, 96, 3)).astype(np.float32)
+    noise = rng.uniform(size=(1, 144)).astype(np.float32)
+    params = model.init(jax.random.PRNGKey(0), jnp.asarray(images), noise=jnp.asarray(noise))['params']
+    _, pred, mask = model.apply({'params': params}, jnp.asarray(images), noise=jnp.asarray(noise))
+    removed = int(np.argmax(np.asarray(mask)[0]))
+    r, c = divmod(removed, 12)
+    changed = images.copy()
+    changed[0, r * 8:(r + 1) * 8, c * 8:(c + 1) * 8] += 5.0
+    _, pred2, _ = model.apply({'params': params}, jnp.asarray(changed), noise=jnp.asarray(noise))
+    np.testing.assert_allclose(np.asarray(pred), np.asarray(pred2), atol=1e-6)
+
+
+def test_noise_none_uses_masking_rng():
+    model = _tiny_mae()
+    x = jnp.zeros((2, 96, 96, 3))
+    v = model.init({'params': jax.random.PRNGKey(0), 'masking': jax.random.PRNGKey(1)}, x)
+    _, _, m1 = model.apply(v, x, rngs={'masking': jax.random.PRNGKey(5)})
+    _, _, m2 = model.apply(v, x, rngs={'masking': jax.random.PRNGKey(5)})
+    _, _, m3 = model.apply(v, x, rngs={'masking': jax.random.PRNGKey(6)})
+    np.testing.assert_array_equal(m1, m2)
+    assert not np.array_equal(m1, m3)
+
+
+def test_capture_returns_block_tokens_and_cls_logits():
+    vit = ViT(embed_dim=48, depth=3, num_heads=2)
+    x = jnp.asarray(np.random.default_rng(4).normal(size=(2, 96, 96, 3)), jnp.float32)
+    params = vit.init(jax.random.PRNGKey(0), x)['params']
+    out = vit.apply({'params': params}, x, capture=(0, 2))
+    assert out['tokens'].shape == (2, 144, 48) and out['cls'].shape == (2, 48)
+    assert set(out['layers']) == {0, 2} and out['layers'][2].shape == (2, 144, 48)
+    assert out['cls_logits'][0].shape == (2, 2, 144)
+    # The captured logits are q_cls·k/√d of that block, recomputed here from its own weights.
+    p0 = params['blocks_0']
+    h = vit.apply({'params': params}, x, method=lambda m, im: m.prepend_cls(m.embed(im)))
+    mu, var = h.mean(-1, keepdims=True), h.var(-1, keepdims=True)
+    hn = (h - mu) / jnp.sqrt(var + 1e-6) * p0['norm1']['scale'] + p0['norm1']['bias']
+    qkv = (hn @ p0['attn']['qkv']['kernel'] + p0['attn']['qkv']['bias']).reshape(2, 145, 3, 2, 24)
+    ref = jnp.einsum('bhd,bnhd->bhn', qkv[:, 0, 0], qkv[:, 1:, 1]) / np.sqrt(24)
+    np.testing.assert_allclose(np.asarray(out['cls_logits'][0]), np.asarray(ref), rtol=1e-4, atol=1e-5)
