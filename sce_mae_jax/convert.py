@@ -86,7 +86,7 @@ def write_checkpoint(params: dict, config, workdir: str) -> str:
                                                  jnp.zeros((1, size, size, 3))))['params']
     if 'encoder' not in params:  # encoder-only import: compare that part
         expected = expected['encoder']
-    bad = common._shape_mismatches(params, expected)
+    bad = common.shape_mismatches(params, expected)
     if bad:
         raise common.ConfigError('the PyTorch checkpoint does not fit config.model: ' + '; '.join(bad[:6]))
     common.prepare_workdir(workdir, config)

@@ -66,6 +66,19 @@ def main(argv):
 
 FLAGS = flags.FLAGS
 
+
+def parse_flags(argv):
+    """absl parsing, but an unknown `--config.x` field ends with one line naming it, not a traceback."""
+    try:
+        return FLAGS(argv)
+    except (AttributeError, KeyError) as e:
+        bad = [a.split('=')[0] for a in argv if a.startswith('--config.')]
+        sys.exit(f'error: unknown config field {e} (in {", ".join(bad)}); the config file lists the fields a '
+                 'job has, and `--config.x=y` can only change existing ones')
+    except flags.Error as e:
+        sys.exit(f'error: {e}\nPass --helpfull to see the flags.')
+
+
 if __name__ == '__main__':
     flags.mark_flags_as_required(['config', 'workdir'])
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

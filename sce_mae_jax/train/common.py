@@ -76,7 +76,7 @@ def save_checkpoint(mngr, step: int, state, data_iter=None, force: bool = False)
     return mngr.save(step, args=ocp.args.Composite(**args), force=force)
 
 
-def _shape_mismatches(saved_meta, abstract, prefix=''):
+def shape_mismatches(saved_meta, abstract, prefix=''):
     """Lists 'path: checkpoint shape vs config shape' for leaves that differ (bounded)."""
     out = []
     flat_a = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_flatten_with_path(abstract)[0]}
@@ -90,6 +90,12 @@ def _shape_mismatches(saved_meta, abstract, prefix=''):
     return out
 
 
+def has_checkpoint(workdir: str) -> bool:
+    """Whether `workdir` holds a finished checkpoint (orbax's temporary directories don't count)."""
+    d = os.path.join(workdir, 'checkpoints')
+    return os.path.isdir(d) and any(n.isdigit() for n in os.listdir(d))
+
+
 def restore_checkpoint(mngr, step: int, abstract_state, data_iter=None):
     """Restores `state` (onto the shardings carried by `abstract_state`) and the iterator, in place.
 
@@ -100,7 +106,7 @@ def restore_checkpoint(mngr, step: int, abstract_state, data_iter=None):
     meta = mngr.item_metadata(step)
     saved = meta['state'] if meta is not None and 'state' in meta else None
     if saved is not None:
-        bad = _shape_mismatches(saved, abstract_state)
+        bad = shape_mismatches(saved, abstract_state)
         if bad:
             raise ConfigError(
                 f'checkpoint {mngr.directory}/{step} does not fit this config (a different model size or '
@@ -224,6 +230,52 @@ class PreemptionGuard:
         if jax.process_count() > 1:
             return bool(mngr.reached_preemption(step))
         return self.signalled or bool(mngr.reached_preemption(step))
+
+
+def train_loop(config, workdir: str, *, state, state_sharding, step_fn, data_iter, batch_sharding, total_steps: int,
+               figure_fn=None) -> dict:
+    """The loop both stages share: resume, step, log, figures, checkpoints, preemption.
+
+    `step_fn(state, batch) -> (state, metrics)` is the jitted step; `figure_fn(step, state, batch)` is called
+    on every process every `config.figure_every` steps (it may run collectives; it writes on process 0).
+    Metrics of step n are fetched after step n+1 is dispatched, so the host never waits on the device.
+    """
+    mngr = checkpoint_manager(workdir, max_to_keep=config.keep_checkpoints,
+                              save_interval_steps=config.checkpoint_every)
+    if mngr.latest_step() is not None:
+        logging.info('resuming from %s/%d', mngr.directory, mngr.latest_step())
+        state = restore_checkpoint(mngr, mngr.latest_step(), abstract_like(state, state_sharding), data_iter)
+    writer = MetricWriter(workdir)
+    guard = PreemptionGuard()
+    step = int(state['step'])
+    meter = Throughput(config.batch_size, total_steps, step)
+    pending = None
+    logging.info('training steps %d → %d on %d devices (%d processes)', step, total_steps, jax.device_count(),
+                 jax.process_count())
+    while step < total_steps:
+        batch = global_batch(next(data_iter), batch_sharding)
+        state, metrics = step_fn(state, batch)
+        step += 1
+        if pending is not None:
+            writer.write(*pending)
+            pending = None
+        if step % config.log_every == 0 or step == total_steps:
+            pending = (step, {**metrics, **meter(step)})
+        if figure_fn is not None and config.figure_every and step % config.figure_every == 0:
+            figure_fn(step, state, batch)
+        save_checkpoint(mngr, step, state, data_iter)
+        if guard.should_stop(mngr, step):
+            save_checkpoint(mngr, step, state, data_iter, force=True)
+            logging.warning('stopped at step %d after a preemption signal; rerun the same command to resume', step)
+            break
+    if pending is not None:
+        writer.write(*pending)
+    if step == total_steps and mngr.latest_step() != step:
+        save_checkpoint(mngr, step, state, data_iter, force=True)
+    mngr.wait_until_finished()
+    mngr.close()
+    writer.close()
+    return {'step': step, 'state': state}
 
 
 def prepare_workdir(workdir: str, config) -> None:

@@ -9,11 +9,9 @@ import os
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from absl import logging
-from PIL import Image
-
+from sce_mae_jax import figures
 from sce_mae_jax.data import pipeline
 from sce_mae_jax.models.mae import MAE
 from sce_mae_jax.models.vit import patchify, unpatchify
@@ -75,16 +73,6 @@ def reconstruct(params, images_uint8, rng, *, model):
     return images, masked, recon
 
 
-def save_reconstruction_png(path: str, rows) -> None:
-    """Grid: one row per image; columns original / masked / reconstructed."""
-    rows = [pipeline.denormalize(np.asarray(r)) for r in rows]
-    n = rows[0].shape[0]
-    grid = np.concatenate([np.concatenate([r[i] for r in rows], axis=1) for i in range(n)], axis=0)
-    tmp = path + '.tmp.png'
-    Image.fromarray(grid).save(tmp)
-    os.replace(tmp, path)
-
-
 # ---------------------------------------------------------------------------------------------- loop
 def train(config, workdir: str) -> dict:
     from sce_mae_jax.data.sources import get_source
@@ -107,57 +95,25 @@ def train(config, workdir: str) -> dict:
     logging.info('model: %s parameters (encoder %s)', f'{common.tree_size(state["params"]):,}',
                  f'{common.tree_size(state["params"]["encoder"]):,}')
 
-    mngr = common.checkpoint_manager(workdir, max_to_keep=config.keep_checkpoints,
-                                     save_interval_steps=config.checkpoint_every)
-    if mngr.latest_step() is not None:
-        step0 = mngr.latest_step()
-        logging.info('resuming from %s/%d', mngr.directory, step0)
-        state = common.restore_checkpoint(mngr, step0, common.abstract_like(state, repl), it)
-    elif config.init_from:
+    if config.init_from and not common.has_checkpoint(workdir):  # a resume takes precedence
         params = common.load_params(config.init_from)
-        bad = common._shape_mismatches(params, state['params'])
+        bad = common.shape_mismatches(params, state['params'])
         if bad:
             raise common.ConfigError(f'init_from={config.init_from} does not fit config.model: ' + '; '.join(bad[:6]))
-        state = {**state, 'params': common.replicate(params, mesh), 'opt_state': jax.jit(
-            tx.init, out_shardings=state_sh['opt_state'])(common.replicate(params, mesh))}
+        params = common.replicate(params, mesh)
+        state = {**state, 'params': params,
+                 'opt_state': jax.jit(tx.init, out_shardings=state_sh['opt_state'])(params)}
 
     step_fn = jax.jit(functools.partial(train_step, model=model, tx=tx, schedule=schedule),
                       in_shardings=(state_sh, data_sh), out_shardings=(state_sh, repl), donate_argnums=0)
     # Every process joins this call (the params span all hosts); only process 0 writes the PNG.
     recon_fn = jax.jit(functools.partial(reconstruct, model=model), out_shardings=repl)
 
-    writer = common.MetricWriter(workdir)
-    guard = common.PreemptionGuard()
-    step = int(state['step'])
-    meter = common.Throughput(config.batch_size, total_steps, step)
-    pending = None  # metrics of the previous step, fetched after the next step is dispatched
-    logging.info('training steps %d → %d on %d devices (%d processes)', step, total_steps,
-                 jax.device_count(), jax.process_count())
-    while step < total_steps:
-        batch = common.global_batch(next(it), data_sh)
-        state, metrics = step_fn(state, batch)
-        step += 1
-        if pending is not None:
-            writer.write(*pending)
-            pending = None
-        if step % config.log_every == 0 or step == total_steps:
-            pending = (step, {**metrics, **meter(step)})
-        if config.figure_every and step % config.figure_every == 0:
-            rows = recon_fn(state['params'], batch['image'][:8], jax.random.PRNGKey(step))
-            if jax.process_index() == 0:
-                os.makedirs(os.path.join(workdir, 'figures'), exist_ok=True)
-                save_reconstruction_png(os.path.join(workdir, 'figures', f'recon_{step:07d}.png'), rows)
-        common.save_checkpoint(mngr, step, state, it)
-        if guard.should_stop(mngr, step):
-            common.save_checkpoint(mngr, step, state, it, force=True)
-            logging.warning('stopped at step %d after a preemption signal; rerun the same command to resume',
-                            step)
-            break
-    if pending is not None:
-        writer.write(*pending)
-    if step == total_steps and mngr.latest_step() != step:
-        common.save_checkpoint(mngr, step, state, it, force=True)
-    mngr.wait_until_finished()
-    mngr.close()
-    writer.close()
-    return {'step': step, 'state': state}
+    def figure_fn(step, state, batch):
+        rows = recon_fn(state['params'], batch['image'][:8], jax.random.PRNGKey(step))
+        if jax.process_index() == 0:
+            os.makedirs(os.path.join(workdir, 'figures'), exist_ok=True)
+            figures.save_reconstruction_png(os.path.join(workdir, 'figures', f'recon_{step:07d}.png'), rows)
+
+    return common.train_loop(config, workdir, state=state, state_sharding=state_sh, step_fn=step_fn, data_iter=it,
+                             batch_sharding=data_sh, total_steps=total_steps, figure_fn=figure_fn)

@@ -1,0 +1,168 @@
+"""Random-access sources (grain ``RandomAccessDataSource`` protocol) for every dataset by name.
+
+    src = get_source('mafl', 'test', manual_dir='/data/celeba', data_dir='/data/tfds')
+    item = src[0]   # {'image': uint8 (136, 136, 3), 'landmarks': float32 (L, 2) xy, 'index': int64}
+
+Landmarks are xy in the 136-px frame where pixel (r, c) has its centre at x = c, y = r (preprocess.py).
+Each source exposes ``num_landmarks`` (5, or 68 for 300W) and ``iod_indices`` (the landmark pair whose
+distance normalises the detection error: eye centres (0, 1), or outer eye corners (36, 45) for 300W).
+
+Real datasets are TFDS builders (builders/) written as array_record into ``data_dir``; the first call
+prepares them from ``manual_dir`` (layouts in docs/datasets.md), later calls only read. A missing or
+malformed file raises `DatasetError` naming the path and its expected layout before TFDS writes anything.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, SupportsIndex
+
+import numpy as np
+
+from sce_mae_jax.data.preprocess import DatasetError
+
+__all__ = ['DatasetError', 'DATASETS', 'LandmarkSource', 'get_builder', 'get_source', 'prepare']
+
+# name -> (builder module, builder class, builder config or None, splits)
+DATASETS = {
+    'celeba': ('celeba', 'SceCeleba', None, ('pretrain',)),
+    'mafl': ('mafl', 'SceMafl', None, ('train', 'test')),
+    'aflw_m': ('aflw_m', 'SceAflwM', None, ('train', 'test')),
+    'aflw_r': ('aflw_r', 'SceAflwR', 'default', ('train', 'test')),
+    'aflw_rc': ('aflw_r', 'SceAflwR', 'rc', ('train', 'test')),
+    '300w': ('w300', 'SceW300', None, ('train', 'test')),
+}
+SYNTHETIC = 'synthetic'
+
+
+def _check_name(name: str) -> tuple:
+    if name not in DATASETS:
+        raise ValueError(f'unknown dataset {name!r}; expected one of {[SYNTHETIC, *DATASETS]}')
+    return DATASETS[name]
+
+
+def get_builder(name: str, data_dir: str | os.PathLike | None = None):
+    """The TFDS builder of a real dataset (nothing is read or written)."""
+    import importlib  # builders import tensorflow_datasets: keep `synthetic` free of it
+
+    module, cls, config, _ = _check_name(name)
+    builder_cls = getattr(importlib.import_module(f'sce_mae_jax.data.builders.{module}'), cls)
+    kwargs = {'config': config} if config else {}
+    return builder_cls(data_dir=None if data_dir is None else os.fspath(data_dir),
+                       file_format='array_record', **kwargs)
+
+
+def _find_dataset_error(exc: BaseException) -> DatasetError | None:
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, DatasetError):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def prepare(name: str, *, manual_dir: str | os.PathLike | None = None,
+            data_dir: str | os.PathLike | None = None):
+    """Prepares ``name`` into ``data_dir`` unless already there; returns the builder.
+
+    Raises:
+        DatasetError: not prepared and no manual_dir, or a file of manual_dir missing/malformed.
+    """
+    builder = get_builder(name, data_dir)
+    if builder.is_prepared():
+        return builder
+    if manual_dir is None:
+        raise DatasetError(f'dataset {name!r} is not prepared in {builder.data_dir}: pass manual_dir (the '
+                           f'folder holding its raw files) or run `python -m sce_mae_jax.data.prepare '
+                           f'--dataset={name} --manual_dir=... --data_dir=...`; see docs/datasets.md')
+    manual_dir = Path(manual_dir).expanduser().resolve()
+    # Validate first so that a user sees our message, not a traceback from inside TFDS's writer.
+    builder.validate(manual_dir)
+    import tensorflow_datasets as tfds
+    try:
+        builder.download_and_prepare(
+            download_config=tfds.download.DownloadConfig(manual_dir=os.fspath(manual_dir)))
+    except Exception as e:
+        found = _find_dataset_error(e)
+        if found is None:
+            raise
+        raise found from None
+    return builder
+
+
+class LandmarkSource:
+    """A prepared split as a grain random-access source of ``{'image', 'landmarks', 'index'}`` dicts.
+
+    Attributes:
+        name, split: what it holds.
+        num_landmarks: L.
+        iod_indices: landmark indices of the inter-ocular distance.
+    """
+
+    def __init__(self, data_source, *, name: str, split: str, num_landmarks: int,
+                 iod_indices: tuple[int, int]):
+        self._source = data_source
+        self.name = name
+        self.split = split
+        self.num_landmarks = num_landmarks
+        self.iod_indices = tuple(iod_indices)
+
+    def __len__(self) -> int:
+        return len(self._source)
+
+    @staticmethod
+    def _item(record: dict[str, Any]) -> dict[str, np.ndarray]:
+        return {'image': np.asarray(record['image'], np.uint8),
+                'landmarks': np.asarray(record['landmarks'], np.float32),
+                'index': np.int64(record['index'])}
+
+    def __getitem__(self, record_key: SupportsIndex) -> dict[str, np.ndarray]:
+        i = record_key.__index__()
+        if not -len(self) <= i < len(self):
+            raise IndexError(f'index {i} out of range for {self!r}')
+        return self._item(self._source[i % len(self)])
+
+    def __getitems__(self, record_keys):
+        return [self[k] for k in record_keys]
+
+    def filename(self, record_key: SupportsIndex) -> str:
+        """Image path (relative to the manual_dir) of a record, for tracing results back to files."""
+        value = self._source[record_key.__index__()]['filename']
+        return value.decode() if isinstance(value, bytes) else str(value)
+
+    def __repr__(self) -> str:
+        return (f'LandmarkSource({self.name!r}, {self.split!r}, len={len(self)}, '
+                f'num_landmarks={self.num_landmarks}, iod_indices={self.iod_indices})')
+
+
+def get_source(name: str, split: str, *, manual_dir: str | os.PathLike | None = None,
+               data_dir: str | os.PathLike | None = None, seed: int = 0):
+    """A random-access source for ``name``/``split``.
+
+    Args:
+        name: ``synthetic``, ``celeba`` (split ``pretrain``), ``mafl``, ``aflw_m``, ``aflw_r``, ``aflw_rc`` or
+            ``300w`` (splits ``train``, ``test``).
+        split: see above.
+        manual_dir: raw files, needed only the first time (preparation).
+        data_dir: where the prepared array_record files live (TFDS default ``~/tensorflow_datasets``).
+        seed: only for ``synthetic``.
+    Returns:
+        An object with ``__len__``, ``__getitem__`` -> ``{'image': uint8 (136, 136, 3), 'landmarks': float32
+        (L, 2), 'index': int64}``, ``num_landmarks`` and ``iod_indices``.
+    """
+    if name == SYNTHETIC:
+        from sce_mae_jax.data import synthetic  # written separately; imported only when asked for
+        source = synthetic.SyntheticFaces(split, seed=seed)
+        # Same attributes as the real sets; its 'landmarks' are the 5 MAFL-order points.
+        for attr, default in (('num_landmarks', 5), ('iod_indices', (0, 1))):
+            if not hasattr(source, attr):
+                setattr(source, attr, default)
+        return source
+    _, _, _, splits = _check_name(name)
+    if split not in splits:
+        raise ValueError(f'dataset {name!r} has splits {splits}, not {split!r}')
+    builder = prepare(name, manual_dir=manual_dir, data_dir=data_dir)
+    return LandmarkSource(builder.as_data_source(split=split), name=name, split=split,
+                          num_landmarks=builder.NUM_LANDMARKS, iod_indices=builder.IOD_INDICES)

@@ -1,0 +1,112 @@
+"""Stage-1 training end to end, in subprocesses so each run gets its own simulated device count."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from conftest import REPO, TINY_MODEL, losses, run_main
+
+
+def test_loss_falls(tmp_path, tiny_pretrain_args):
+    run_main([*tiny_pretrain_args, f'--workdir={tmp_path}', '--config.total_steps=120',
+              '--config.batch_size=16', '--config.figure_every=60'])
+    loss = losses(tmp_path)
+    assert len(loss) == 120
+    first, last = np.mean([loss[s] for s in range(1, 11)]), np.mean([loss[s] for s in range(111, 121)])
+    assert last < first - 0.05, (first, last)
+    # the workdir layout later stages and users rely on
+    assert os.path.exists(tmp_path / 'config.json')
+    assert sorted(os.listdir(tmp_path / 'figures')) == ['recon_0000060.png', 'recon_0000120.png']
+    assert any(f.startswith('events.out.tfevents') for f in os.listdir(tmp_path / 'tb'))
+    rec = json.loads(open(tmp_path / 'metrics.jsonl').readline())
+    assert {'step', 'loss', 'lr', 'grad_norm', 'images_per_s', 'images_per_s_per_device', 'eta_hours'} <= set(rec)
+
+
+def test_four_devices_match_one(tmp_path, tiny_pretrain_args):
+    args = [*tiny_pretrain_args, '--config.total_steps=4']
+    run_main([*args, f'--workdir={tmp_path / "d1"}'], devices=1)
+    run_main([*args, f'--workdir={tmp_path / "d4"}'], devices=4)
+    l1, l4 = losses(tmp_path / 'd1'), losses(tmp_path / 'd4')
+    assert sorted(l1) == [1, 2, 3, 4]
+    np.testing.assert_allclose([l4[s] for s in l1], [l1[s] for s in l1], rtol=2e-5)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_match_one_process(tmp_path, tiny_pretrain_args):
+    args = [*tiny_pretrain_args, '--config.total_steps=3', '--config.checkpoint_every=3']
+    run_main([*args, f'--workdir={tmp_path / "single"}'], devices=4)
+    port = _free_port()
+    env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='--xla_force_host_platform_device_count=2')
+    procs = [subprocess.Popen([sys.executable, '-m', 'sce_mae_jax.main', *args, f'--workdir={tmp_path / "multi"}',
+                               f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2', f'--process_id={i}'],
+                              cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    single, multi = losses(tmp_path / 'single'), losses(tmp_path / 'multi')
+    assert sorted(multi) == [1, 2, 3]
+    np.testing.assert_allclose([multi[s] for s in single], [single[s] for s in single], rtol=2e-5)
+    assert os.path.isdir(tmp_path / 'multi' / 'checkpoints' / '3')
+
+
+def _run_until(args, workdir, min_step, sig):
+    """Starts training, waits until metrics show `min_step`, then sends `sig`."""
+    env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='--xla_force_host_platform_device_count=1')
+    proc = subprocess.Popen([sys.executable, '-m', 'sce_mae_jax.main', *args, f'--workdir={workdir}'], cwd=REPO,
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.exists(workdir / 'metrics.jsonl') and max(losses(workdir), default=0) >= min_step:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, 'training ended before it could be interrupted'
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    return proc.returncode, err
+
+
+@pytest.mark.parametrize('sig', [signal.SIGKILL, signal.SIGTERM])
+def test_interrupted_run_resumes_to_identical_losses(tmp_path, tiny_pretrain_args, sig):
+    args = [*tiny_pretrain_args, '--config.total_steps=400', '--config.checkpoint_every=7']
+    run_main([*args, '--config.total_steps=400', f'--workdir={tmp_path / "straight"}'])
+    code, err = _run_until(args, tmp_path / 'resumed', 15, sig)
+    if sig == signal.SIGTERM:  # preemption: a clean exit with a checkpoint at the step it stopped on
+        assert code == 0, err[-2000:]
+        stopped = max(int(d) for d in os.listdir(tmp_path / 'resumed' / 'checkpoints') if d.isdigit())
+        assert stopped == max(losses(tmp_path / 'resumed')) and stopped < 400
+    run_main([*args, f'--workdir={tmp_path / "resumed"}'])
+    straight, resumed = losses(tmp_path / 'straight'), losses(tmp_path / 'resumed')
+    assert sorted(resumed) == sorted(straight) == list(range(1, 401))
+    np.testing.assert_array_equal([resumed[s] for s in straight], [straight[s] for s in straight])
+
+
+def test_bad_config_key_is_a_clear_error(tmp_path, tiny_pretrain_args):
+    proc = run_main([*tiny_pretrain_args, f'--workdir={tmp_path}', '--config.bogus_field=3'], check=False)
+    assert proc.returncode != 0 and 'bogus_field' in proc.stderr
+    assert 'Traceback' not in proc.stderr
+
+
+def test_missing_workdir_parent_is_a_clear_error(tmp_path, tiny_pretrain_args):
+    proc = run_main([*tiny_pretrain_args, f'--workdir={tmp_path}/no/such/dir'], check=False)
+    assert proc.returncode != 0 and 'does not exist' in proc.stderr and 'mkdir -p' in proc.stderr
+    assert 'Traceback' not in proc.stderr
+
+
+def test_checkpoint_from_other_model_size_is_a_clear_error(tmp_path, tiny_pretrain_args):
+    run_main([*tiny_pretrain_args, f'--workdir={tmp_path}', '--config.total_steps=2'])
+    proc = run_main([*tiny_pretrain_args, f'--workdir={tmp_path}', '--config.total_steps=4',
+                     '--config.model.embed_dim=64'], check=False)
+    assert proc.returncode != 0 and 'does not fit this config' in proc.stderr, proc.stderr[-2000:]
+    assert 'Traceback' not in proc.stderr
