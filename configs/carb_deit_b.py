@@ -1,0 +1,16 @@
+r"""Stage 2: CARB + LCR loss on a frozen DeiT-B from stage 1; trains a 256-d projector (η = 0.25, K_c = 4).
+
+    python -m sce_mae_jax.main --config=configs/carb_deit_b.py --config.init_from=workdirs/mae_deit_b \
+        --workdir=workdirs/carb_deit_b
+
+Real data (the paper trains stage 2 on CelebA): add `:data=celeba` and --config.manual_dir / --config.data_dir.
+Arguments after ':' (comma-separated): data=NAME, dim=64|128|256, ablation=NAME with NAME one of
+none, no_clustering, no_lcr, no_locality, no_att_att, no_att_inatt, no_inatt_inatt, lead (docs/ablations.md).
+Expect the LCR loss to fall over the first few hundred steps and figures/clusters_*.png to show the
+inattentive clusters on cheeks, forehead and background.
+"""
+from sce_mae_jax import config_lib
+
+
+def get_config(arg=None):
+    return config_lib.carb('b', arg, dim=256, eta=0.25)

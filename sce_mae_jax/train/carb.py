@@ -1,0 +1,205 @@
+"""Stage 2: CARB with the LCR loss on a frozen stage-1 ViT; only the projector trains (paper 002 Table S7).
+
+    python -m sce_mae_jax.main --config=configs/carb_deit_s.py --config.init_from=<stage-1 workdir> --workdir=DIR
+
+The step is one jitted function over the mesh: frozen backbone forward (outside the gradient, so there is no
+backward pass and no optimiser state for it) → attentive split → density-peak clustering → substitution →
+projector → LCR loss on the fixed-size set T = attentive ∪ centres. The backbone is a step *argument*, never
+part of the trained state, and is written once to `workdir/backbone` so the workdir is self-contained.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from absl import logging
+
+from sce_mae_jax import carb, figures
+from sce_mae_jax.data import pipeline
+from sce_mae_jax.models.heads import Projector
+from sce_mae_jax.models.mae import encoder_from_model_config
+from sce_mae_jax.models.vit import ViT
+from sce_mae_jax.train import common, optim
+
+
+# ---------------------------------------------------------------------------------------------- CARB forward
+def selected_size(cc, num_tokens: int) -> int:
+    """|T| with clustering: ceil(η·N) attentive tokens + K_c centres (fewer only if too few inattentive)."""
+    if not cc.clustering:
+        return num_tokens
+    return min(num_tokens, carb.num_attentive(cc.eta, num_tokens) + cc.num_clusters)
+
+
+def carb_features(backbone, images, *, encoder: ViT, cc) -> dict:
+    """Frozen backbone features with CARB's token selection (paper 001 §3.2–3.3).
+
+    Returns `tokens` (B, N, C) the map fed to the projector (inattentive tokens replaced by their centre's
+    feature unless clustering is off), `raw` (B, N, C) the unsubstituted final features, `attentive` and
+    `selected` (B, N) bool, and `cluster_id` (B, N) int (−1 attentive) for the figure.
+    Mode 'B' (default) substitutes final-layer features; mode 'A' lets the blocks after the clustering layer see
+    only CLS + attentive + centre tokens and spreads their outputs back over the map.
+    """
+    layer = cc.layer
+    if not 0 <= layer < encoder.depth:
+        raise ValueError(f'carb.layer={layer} is outside the backbone\'s blocks 0..{encoder.depth - 1}')
+    p = {'params': backbone}
+    x = encoder.apply(p, images, method=lambda m, im: m.prepend_cls(m.embed(im)))
+    x, outs, logits = encoder.apply(p, x, 0, layer + 1, None, (layer,), method=ViT.blocks_forward)
+    attentive = carb.attentive_mask(logits[layer], cc.eta)
+    if not cc.clustering:
+        x, _, _ = encoder.apply(p, x, layer + 1, None, method=ViT.blocks_forward)
+        final = encoder.apply(p, x, method=ViT.final_norm)[:, 1:]
+        return dict(tokens=final, raw=final, attentive=attentive, selected=jnp.ones_like(attentive),
+                    cluster_id=jnp.where(attentive, -1, 0).astype(jnp.int32))
+    clusters = carb.density_peak_clustering(outs[layer][:, 1:], ~attentive, cc.num_clusters, k=cc.density_k)
+    key_mask = None
+    if cc.mode == 'A':
+        keep = carb.keep_mask(attentive, clusters['is_centre'])
+        key_mask = jnp.concatenate([jnp.ones_like(keep[:, :1]), keep], axis=1)
+    elif cc.mode != 'B':
+        raise ValueError(f"carb.mode must be 'A' or 'B', got {cc.mode!r}")
+    x, _, _ = encoder.apply(p, x, layer + 1, None, key_mask, method=ViT.blocks_forward)
+    final = encoder.apply(p, x, method=ViT.final_norm)[:, 1:]
+    tokens = carb.substitute(final, ~attentive, clusters['assignment'])
+    return dict(tokens=tokens, raw=final, attentive=attentive, selected=attentive | clusters['is_centre'],
+                cluster_id=clusters['cluster_id'])
+
+
+def gather_selected(proj, attentive, selected, positions, size: int):
+    """The loss only reads T, which has a static size, so gather it: the pairwise work is |T|² instead of N²
+    (19² vs 144² for DeiT-S). Returns proj (B, size, D), attentive/valid (B, size), positions (B, size, 2)."""
+    idx, valid = carb.kept_indices(selected, size)
+    take = lambda a: jnp.take_along_axis(a, idx if a.ndim == 2 else idx[..., None], axis=1)
+    return take(proj), take(attentive) & valid, valid, positions[idx]
+
+
+def stage2_loss(proj_params, feats, *, projector: Projector, config, positions):
+    """(loss, aux) of the configured objective on precomputed (frozen) features."""
+    cc = config.carb
+    proj = projector.apply({'params': proj_params}, feats['tokens'])
+    if cc.objective == 'lead':
+        # LEAD (paper 003 eq. 2–3) pairs every image with the next one in the global batch.
+        teacher, student = feats['raw'], proj
+        loss = carb.lead_loss(teacher, jnp.roll(teacher, 1, axis=0), student, jnp.roll(student, 1, axis=0),
+                              tau=config.lead.tau)
+        return loss, {}
+    if cc.objective != 'lcr':
+        raise ValueError(f"carb.objective must be 'lcr' or 'lead', got {cc.objective!r}")
+    att, sel, pos = feats['attentive'], feats['selected'], positions
+    if cc.gather_selected:
+        proj, att, sel, pos = gather_selected(proj, att, sel, positions, selected_size(cc, proj.shape[1]))
+    loss, aux = carb.lcr_loss(proj, sel, att, pos, tau=config.lcr.tau, rep=tuple(config.lcr.rep),
+                              locality=config.lcr.locality)
+    return loss, {'num_selected': aux['num_selected'].mean(), 'p_self': aux['p_self'].mean()}
+
+
+# ---------------------------------------------------------------------------------------------- model & step
+def build(config, dataset_len: int):
+    encoder = encoder_from_model_config(config.model)
+    projector = Projector(**config.projector)
+    total, warmup = optim.steps_for(config, dataset_len)
+    schedule = optim.warmup_cosine(config.lr, total, warmup)
+    tx = optim.projector_optimizer(schedule, config.weight_decay, config.b1, config.b2)
+    return encoder, projector, tx, schedule, total
+
+
+def init_state(projector, tx, seed: int, num_tokens: int, width: int):
+    rng = jax.random.PRNGKey(seed)
+    params = projector.init(jax.random.fold_in(rng, 0), jnp.zeros((1, num_tokens, width)))['params']
+    return {'step': jnp.zeros((), jnp.int32), 'params': params, 'opt_state': tx.init(params),
+            'rng': jax.random.fold_in(rng, 2)}
+
+
+def train_step(state, backbone, batch, *, encoder, projector, tx, schedule, config):
+    """One projector update. `backbone` is an argument, read only: its forward runs outside `value_and_grad`."""
+    images = pipeline.normalize(batch['image'], encoder.dtype)
+    feats = jax.lax.stop_gradient(carb_features(backbone, images, encoder=encoder, cc=config.carb))
+    positions = carb.token_positions(encoder.grid, encoder.grid, encoder.patch_size)
+    loss_fn = functools.partial(stage2_loss, projector=projector, config=config, positions=positions)
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state['params'], feats)
+    updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
+    params = optax.apply_updates(state['params'], updates)
+    metrics = {'loss': loss, 'grad_norm': optax.global_norm(grads), 'lr': schedule(state['step']), **aux}
+    return {**state, 'step': state['step'] + 1, 'params': params, 'opt_state': opt_state}, metrics
+
+
+# ---------------------------------------------------------------------------------------------- backbone I/O
+def load_backbone(config, workdir: str, expected) -> dict:
+    """The frozen encoder: from `workdir/backbone` on a resume, else from `init_from` (then saved there)."""
+    saved = os.path.join(os.path.abspath(workdir), 'backbone')
+    if os.path.isdir(saved):
+        params = ocp.StandardCheckpointer().restore(saved)
+    else:
+        if not config.init_from:
+            raise common.ConfigError('stage 2 needs a stage-1 backbone: pass --config.init_from=<stage-1 workdir> '
+                                     '(or a directory written by python -m sce_mae_jax.convert)')
+        params = common.load_params(config.init_from)
+        params = params.get('encoder', params)
+    bad = common.shape_mismatches(params, expected)
+    if bad:
+        raise common.ConfigError(f'the backbone from {config.init_from or saved} does not fit config.model '
+                                 f'(a different DeiT size?): ' + '; '.join(bad[:6]))
+    params = jax.tree.map(lambda a: np.asarray(a, np.float32), params)
+    if not os.path.isdir(saved):
+        ckptr = ocp.StandardCheckpointer()
+        ckptr.save(saved, params)  # orbax finalises by rename: never half written
+        ckptr.wait_until_finished()
+    return params
+
+
+# ---------------------------------------------------------------------------------------------- loop
+def train(config, workdir: str) -> dict:
+    from sce_mae_jax.data.sources import get_source
+
+    common.prepare_workdir(workdir, config)
+    mesh = common.make_mesh()
+    common.check_batch_size(config.batch_size)
+    repl, data_sh = common.replicated(mesh), common.data_sharded(mesh)
+
+    source = get_source(config.data, config.split, manual_dir=config.manual_dir or None,
+                        data_dir=config.data_dir or None, seed=config.data_seed)
+    size = config.model.image_size
+    crop = pipeline.eval_transform(size)
+
+    def transform(example, rng):
+        img = crop({'image': example['image']})['image']
+        if config.input.flip and rng.uniform() < 0.5:
+            img = np.ascontiguousarray(img[:, ::-1])
+        return {'image': img}
+
+    it = pipeline.train_iterator(source, global_batch=config.batch_size, seed=config.seed, transform=transform,
+                                 num_workers=config.input.workers)
+
+    encoder, projector, tx, schedule, total_steps = build(config, len(source))
+    expected = jax.eval_shape(encoder.init, jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3)))['params']
+    backbone = common.replicate(load_backbone(config, workdir, expected), mesh)
+    init = functools.partial(init_state, projector, tx, config.seed, encoder.num_patches, encoder.embed_dim)
+    state_sh = jax.tree.map(lambda _: repl, jax.eval_shape(init))
+    state = jax.jit(init, out_shardings=state_sh)()
+    logging.info('frozen backbone %s parameters; projector %s', f'{common.tree_size(backbone):,}',
+                 f'{common.tree_size(state["params"]):,}')
+
+    step = jax.jit(functools.partial(train_step, encoder=encoder, projector=projector, tx=tx, schedule=schedule,
+                                     config=config),
+                   in_shardings=(state_sh, repl, data_sh), out_shardings=(state_sh, repl), donate_argnums=0)
+    clusters_fn = jax.jit(lambda bb, im: carb_features(bb, pipeline.normalize(im, encoder.dtype), encoder=encoder,
+                                                       cc=config.carb)['cluster_id'], out_shardings=repl)
+
+    def figure_fn(step_num, state, batch):
+        images = batch['image'][:8]
+        cid = clusters_fn(backbone, images)
+        images = jax.jit(lambda a: a, out_shardings=repl)(images)
+        if jax.process_index() == 0:
+            os.makedirs(os.path.join(workdir, 'figures'), exist_ok=True)
+            figures.save_cluster_png(os.path.join(workdir, 'figures', f'clusters_{step_num:07d}.png'),
+                                     np.asarray(images), np.asarray(cid), encoder.patch_size)
+
+    out = common.train_loop(config, workdir, state=state, state_sharding=state_sh,
+                            step_fn=lambda s, b: step(s, backbone, b), data_iter=it, batch_sharding=data_sh,
+                            total_steps=total_steps, figure_fn=figure_fn)
+    return {**out, 'backbone': backbone}
