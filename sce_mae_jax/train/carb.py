@@ -124,7 +124,7 @@ def train_step(state, backbone, batch, *, encoder, projector, tx, schedule, conf
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state['params'], feats)
     updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
     params = optax.apply_updates(state['params'], updates)
-    metrics = {'loss': loss, 'grad_norm': optax.global_norm(grads), 'lr': schedule(state['step']), **aux}
+    metrics = {'loss': loss, 'grad_norm': optax.tree.norm(grads), 'lr': schedule(state['step']), **aux}
     return {**state, 'step': state['step'] + 1, 'params': params, 'opt_state': opt_state}, metrics
 
 

@@ -53,7 +53,7 @@ def train_step(state, batch, *, model, tx, schedule):
     loss, grads = jax.value_and_grad(loss_fn)(state['params'])
     updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
     params = optax.apply_updates(state['params'], updates)
-    metrics = {'loss': loss, 'grad_norm': optax.global_norm(grads), 'lr': schedule(state['step'])}
+    metrics = {'loss': loss, 'grad_norm': optax.tree.norm(grads), 'lr': schedule(state['step'])}
     return {**state, 'step': state['step'] + 1, 'params': params, 'opt_state': opt_state}, metrics
 
 

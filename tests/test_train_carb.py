@@ -1,0 +1,138 @@
+"""Stage 2 (train/carb.py): the CARB step on a frozen backbone, end to end and piece by piece."""
+import functools
+import importlib.util
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import REPO, TINY_MODEL, losses, run_main
+from sce_mae_jax import carb
+from sce_mae_jax.config_lib import ABLATIONS
+from sce_mae_jax.models.vit import ViT
+from sce_mae_jax.train import carb as carb_train
+from sce_mae_jax.train import common
+
+BACKBONE = ['--config.model.embed_dim=48', '--config.model.depth=4', '--config.model.num_heads=2']
+
+
+def _config(arg=None, **overrides):
+    spec = importlib.util.spec_from_file_location('cfg', os.path.join(REPO, 'configs', 'carb_deit_t.py'))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    c = mod.get_config(arg)
+    c.model.update(embed_dim=48, depth=4, num_heads=2)
+    for k, v in overrides.items():
+        c[k] = v
+    return c
+
+
+@pytest.fixture(scope='module')
+def stage1(tmp_path_factory):
+    """A briefly trained tiny stage-1 workdir whose encoder matches BACKBONE."""
+    wd = tmp_path_factory.mktemp('stage1')
+    run_main(['--config=configs/quickstart.py', *TINY_MODEL, '--config.model.depth=4', '--config.batch_size=8',
+              '--config.total_steps=5', '--config.figure_every=0', f'--workdir={wd}'])
+    return wd
+
+
+def test_trains_from_stage1_and_backbone_stays_frozen(stage1, tmp_path):
+    config = _config(init_from=str(stage1), batch_size=8, total_steps=40, log_every=1, figure_every=40)
+    out = carb_train.train(config, str(tmp_path))
+    loss = losses(tmp_path)
+    assert np.mean([loss[s] for s in range(36, 41)]) < 0.9 * np.mean([loss[s] for s in range(1, 6)])
+    original = common.load_params(str(stage1))['encoder']
+    for a, b in zip(jax.tree.leaves(original), jax.tree.leaves(out['backbone'])):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # the optimiser holds the projector's moments only (2 per parameter + step counters)
+    n_proj = common.tree_size(out['state']['params'])
+    assert common.tree_size(out["state"]["opt_state"]) <= 2 * n_proj + 4
+    assert n_proj == 48 * 64 + 64
+    assert os.path.exists(tmp_path / 'figures' / 'clusters_0000040.png')
+
+
+def test_eight_devices_match_one(stage1, tmp_path):
+    args = ['--config=configs/carb_deit_t.py', *BACKBONE, f'--config.init_from={stage1}', '--config.batch_size=8',
+            '--config.total_steps=3', '--config.log_every=1', '--config.figure_every=0']
+    run_main([*args, f'--workdir={tmp_path / "d1"}'], devices=1)
+    run_main([*args, f'--workdir={tmp_path / "d8"}'], devices=8)
+    l1, l8 = losses(tmp_path / 'd1'), losses(tmp_path / 'd8')
+    assert sorted(l1) == [1, 2, 3]
+    np.testing.assert_allclose([l8[s] for s in l1], [l1[s] for s in l1], rtol=1e-5)
+
+
+def _backbone_and_images(batch=2, seed=0):
+    vit = ViT(embed_dim=48, depth=4, num_heads=2)
+    images = jax.random.normal(jax.random.PRNGKey(seed), (batch, 96, 96, 3))
+    return vit, vit.init(jax.random.PRNGKey(1), images)['params'], images
+
+
+@pytest.mark.parametrize('ablation', sorted(ABLATIONS))
+def test_every_ablation_runs_one_step(ablation):
+    config = _config(f'ablation={ablation}', batch_size=2)
+    encoder, projector, tx, schedule, _ = carb_train.build(config, 100)
+    backbone = _backbone_and_images()[1]
+    state = carb_train.init_state(projector, tx, 0, 144, 48)
+    batch = {'image': jnp.asarray(np.random.default_rng(0).integers(0, 255, (2, 96, 96, 3)), jnp.uint8)}
+    step = jax.jit(functools.partial(carb_train.train_step, encoder=encoder, projector=projector, tx=tx,
+                                     schedule=schedule, config=config))
+    new_state, metrics = step(state, backbone, batch)
+    assert np.isfinite(float(metrics['loss']))
+    if config.carb.objective == 'lcr':
+        assert float(metrics['num_selected']) == (144 if not config.carb.clustering else 15 + 4)
+    moved = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), state['params'], new_state['params'])
+    assert max(jax.tree.leaves(moved)) > 0
+
+
+def test_mode_a_equals_dropping_tokens():
+    """Mode A masks keys instead of dropping tokens: kept tokens must get exactly the outputs of a forward on
+    the reduced sequence CLS + attentive + centres."""
+    vit, params, images = _backbone_and_images()
+    cc = _config().carb
+    cc.mode = 'A'
+    feats = carb_train.carb_features(params, images, encoder=vit, cc=cc)
+    layer = cc.layer
+    p = {'params': params}
+    x = vit.apply(p, images, method=lambda m, im: m.prepend_cls(m.embed(im)))
+    x, outs, logits = vit.apply(p, x, 0, layer + 1, None, (layer,), method=ViT.blocks_forward)
+    for b in range(images.shape[0]):
+        keep = np.flatnonzero(np.asarray(feats['selected'][b]))
+        reduced = x[b:b + 1, np.concatenate([[0], keep + 1])]
+        y, _, _ = vit.apply(p, reduced, layer + 1, None, method=ViT.blocks_forward)
+        y = vit.apply(p, y, method=ViT.final_norm)[0, 1:]
+        np.testing.assert_allclose(np.asarray(feats['tokens'][b, keep]), np.asarray(y), atol=2e-5)
+        # every other token carries its centre's output
+        cid = np.asarray(feats['cluster_id'][b])
+        inatt = np.flatnonzero(cid >= 0)
+        tokens = np.asarray(feats['tokens'][b])
+        for i in inatt:
+            assert any(np.array_equal(tokens[i], tokens[k]) for k in keep)
+
+
+def test_gathered_loss_equals_masked_loss():
+    vit, params, images = _backbone_and_images(batch=3)
+    config = _config()
+    feats = carb_train.carb_features(params, images, encoder=vit, cc=config.carb)
+    _, projector, _, _, _ = carb_train.build(config, 10)
+    proj_params = carb_train.init_state(projector, carb_train.build(config, 10)[2], 0, 144, 48)['params']
+    pos = carb.token_positions(12, 12, 8)
+    config.carb.gather_selected = True
+    gathered, _ = carb_train.stage2_loss(proj_params, feats, projector=projector, config=config, positions=pos)
+    config.carb.gather_selected = False
+    masked, _ = carb_train.stage2_loss(proj_params, feats, projector=projector, config=config, positions=pos)
+    np.testing.assert_allclose(float(gathered), float(masked), rtol=1e-5)
+
+
+def test_missing_init_from_is_a_clear_error(tmp_path):
+    proc = run_main(['--config=configs/carb_deit_t.py', f'--workdir={tmp_path}', '--config.total_steps=1'],
+                    check=False)
+    assert proc.returncode != 0 and 'init_from' in proc.stderr and 'Traceback' not in proc.stderr
+
+
+def test_backbone_of_another_size_is_a_clear_error(stage1, tmp_path):
+    proc = run_main(['--config=configs/carb_deit_t.py', f'--workdir={tmp_path}', f'--config.init_from={stage1}',
+                     '--config.total_steps=1'], check=False)  # DeiT-T config vs the 48-d stage-1 model
+    assert proc.returncode != 0 and 'does not fit config.model' in proc.stderr, proc.stderr[-2000:]
+    assert 'Traceback' not in proc.stderr
