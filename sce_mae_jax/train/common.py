@@ -105,8 +105,9 @@ def restore_checkpoint(mngr, step: int, abstract_state, data_iter=None):
     import grain
     meta = mngr.item_metadata(step)
     saved = meta['state'] if meta is not None and 'state' in meta else None
-    if saved is not None:
-        bad = shape_mismatches(saved, abstract_state)
+    if saved is not None and 'params' in saved:
+        # params alone identify the model; optax states' metadata paths differ from their live pytree paths
+        bad = shape_mismatches(saved['params'], abstract_state['params'], prefix="['params']")
         if bad:
             raise ConfigError(
                 f'checkpoint {mngr.directory}/{step} does not fit this config (a different model size or '
@@ -118,8 +119,9 @@ def restore_checkpoint(mngr, step: int, abstract_state, data_iter=None):
     return mngr.restore(step, args=ocp.args.Composite(**args))['state']
 
 
-def abstract_like(tree, sharding):
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
+def abstract_like(tree, shardings):
+    """ShapeDtypeStructs of `tree` carrying the matching leaf of `shardings`: orbax restores onto them."""
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
 def load_params(path: str) -> dict:

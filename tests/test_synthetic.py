@@ -1,0 +1,123 @@
+"""Synthetic faces: contract (shapes, dtypes, determinism, random access), identity structure, and that the
+ground truth sits on the rendered features."""
+
+import pickle
+
+import numpy as np
+import pytest
+
+from sce_mae_jax.data.synthetic import SPLITS, SyntheticFaces, mafl_from_68
+
+
+def _lum(img):
+    return img.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
+
+
+def test_item_contract():
+    src = SyntheticFaces("train", num_examples=10)
+    assert len(src) == 10
+    it = src[3]
+    assert it["image"].dtype == np.uint8 and it["image"].shape == (136, 136, 3)
+    assert it["landmarks"].dtype == np.float32 and it["landmarks"].shape == (5, 2)
+    assert it["landmarks68"].dtype == np.float32 and it["landmarks68"].shape == (68, 2)
+    assert it["identity"].dtype == np.int32 and it["index"].dtype == np.int64 and int(it["index"]) == 3
+    np.testing.assert_allclose(it["landmarks"], mafl_from_68(it["landmarks68"]), atol=1e-5)
+    with pytest.raises(IndexError):
+        src[10]
+    assert int(src[-1]["index"]) == 9
+    with pytest.raises(ValueError):
+        SyntheticFaces("validation")
+
+
+def test_default_sizes():
+    assert [len(SyntheticFaces(s)) for s in SPLITS] == [50_000, 5_000, 1_000, 1_000]
+
+
+def test_deterministic_random_access_and_picklable():
+    a = SyntheticFaces("pretrain", seed=3)
+    b = pickle.loads(pickle.dumps(SyntheticFaces("pretrain", seed=3)))
+    for i in (7, 49_999, 7):  # out of order, repeated: no hidden state
+        x, y = a[i], b[i]
+        for k in x:
+            np.testing.assert_array_equal(x[k], y[k])
+    assert not np.array_equal(a[7]["image"], SyntheticFaces("pretrain", seed=4)[7]["image"])
+    assert not np.array_equal(a[7]["image"], a[8]["image"])
+
+
+def test_identity_ranges_disjoint_and_match_pairs_differ():
+    ids = {s: {int(SyntheticFaces(s).identity_of(i)) for i in range(0, len(SyntheticFaces(s)), 7)} for s in SPLITS}
+    for i, s in enumerate(SPLITS):
+        for t in SPLITS[i + 1:]:
+            assert not ids[s] & ids[t], (s, t)
+    m = SyntheticFaces("match")
+    for b in range(0, 500, 37):
+        assert m.identity_of(2 * b) != m.identity_of(2 * b + 1)
+    assert int(m[4]["identity"]) != int(m[5]["identity"])
+
+
+def test_same_identity_shares_shape_different_identities_differ():
+    src = SyntheticFaces("train", num_examples=20)
+    assert int(src[0]["identity"]) == int(src[1]["identity"])  # 5 images per identity
+    assert int(src[0]["identity"]) != int(src[5]["identity"])
+    from sce_mae_jax.data import synthetic as syn
+
+    a, b, c = (syn._identity_params(0, i) for i in (src.identity_of(0), src.identity_of(0), src.identity_of(5)))
+    np.testing.assert_array_equal(a["shape"], b["shape"])
+    assert np.abs(a["shape"] - c["shape"]).mean() > 0.01
+    # Same identity, different images: pose and background change, so images differ.
+    assert np.abs(src[0]["image"].astype(int) - src[1]["image"].astype(int)).mean() > 10
+
+
+def test_landmark_geometry_is_face_like():
+    src = SyntheticFaces("test", num_examples=40)
+    for i in range(40):
+        lm = src[i]["landmarks"]
+        assert lm[0, 0] < lm[1, 0]  # CelebA convention: landmark 0 is the eye on the image's left
+        assert lm[3, 0] < lm[4, 0]
+        eyes_y, mouth_y = lm[:2, 1].mean(), lm[3:, 1].mean()
+        assert eyes_y < lm[2, 1] < mouth_y
+        assert (lm > 20).all() and (lm < 116).all()  # inside the 96-px model crop
+        iod = np.linalg.norm(lm[1] - lm[0])
+        assert 15 < iod < 45
+
+
+def test_eye_centres_are_darker_than_cheeks():
+    # The eye landmark must sit on the iris/pupil: a 3x3 minimum there is darker than the cheek below it.
+    src = SyntheticFaces("train", num_examples=60)
+    hits = 0
+    for i in range(60):
+        it = src[i]
+        lum, p68 = _lum(it["image"]), it["landmarks68"]
+        for e, cheek in ((it["landmarks"][0], (p68[2] + p68[31] + p68[41]) / 3),
+                         (it["landmarks"][1], (p68[14] + p68[35] + p68[46]) / 3)):
+            x, y = np.rint(e).astype(int)
+            cx, cy = np.rint(cheek).astype(int)
+            hits += lum[y - 1:y + 2, x - 1:x + 2].min() < lum[cy - 1:cy + 2, cx - 1:cx + 2].mean() - 15
+    assert hits >= 0.9 * 120, hits
+
+
+def test_mouth_corners_on_lip_boundary():
+    # Between the two mouth corners (on the lip line) the image differs from the skin just outside the corner.
+    src = SyntheticFaces("train", num_examples=30)
+    diffs = []
+    for i in range(30):
+        it = src[i]
+        img = it["image"].astype(np.float32)
+        l, r = it["landmarks"][3], it["landmarks"][4]
+        mid = np.rint((l + r) / 2).astype(int)
+        out = np.rint(l + (l - r) * 0.35).astype(int)
+        diffs.append(np.abs(img[mid[1], mid[0]] - img[out[1], out[0]]).sum())
+    assert np.median(diffs) > 40
+
+
+def test_preview_writes_png(tmp_path):
+    from PIL import Image
+
+    from sce_mae_jax.data import preview
+
+    out = tmp_path / "grid.png"
+    preview.main(["--data=synthetic", "--split=test", f"--out={out}", "--n=2"])
+    im = Image.open(out)
+    assert im.size == (2 * 272 + 2, 272)
+    # the MAFL colours are drawn: the pure left-eye red must appear
+    assert (np.asarray(im.convert("RGB")) == preview.MAFL_COLOURS[0]).all(-1).any()
