@@ -1,6 +1,6 @@
 """Entry point for every job: `python -m sce_mae_jax.main --config=configs/X.py[:arg] --workdir=DIR`.
 
-The config's `job` field picks the trainer (`pretrain`: stage 1, `carb`: stage 2). Any field can be changed
+The config's `job` field picks the trainer (`pretrain`: stage 1, `carb`: stage 2, `pipeline`: both in turn). Any field can be changed
 with `--config.a.b=value`; unknown fields are rejected. On a multi-host TPU pod pass `--distributed`; to run
 several processes by hand (or in tests) pass the coordinator address, process count and id.
 """
@@ -20,7 +20,8 @@ flags.DEFINE_string('coordinator_address', None, 'host:port of process 0, for a 
 flags.DEFINE_integer('num_processes', 1, 'With --coordinator_address: number of processes.')
 flags.DEFINE_integer('process_id', 0, 'With --coordinator_address: this process.')
 
-JOBS = {'pretrain': 'sce_mae_jax.train.pretrain', 'carb': 'sce_mae_jax.train.carb'}
+JOBS = {'pretrain': 'sce_mae_jax.train.pretrain', 'carb': 'sce_mae_jax.train.carb',
+        'pipeline': 'sce_mae_jax.train.pipeline'}
 
 
 def user_errors() -> tuple[type, ...]:

@@ -41,5 +41,5 @@ def losses(workdir):
 
 @pytest.fixture
 def tiny_pretrain_args():
-    return ['--config=configs/quickstart.py', *TINY_MODEL, '--config.batch_size=8', '--config.log_every=1',
-            '--config.figure_every=0']
+    return ['--config=configs/mae_deit_t.py', *TINY_MODEL, '--config.batch_size=8', '--config.log_every=1',
+            '--config.figure_every=0', '--config.base_lr=1e-3', '--config.epochs=100', '--config.warmup_epochs=4']

@@ -33,7 +33,7 @@ def _config(arg=None, **overrides):
 def stage1(tmp_path_factory):
     """A briefly trained tiny stage-1 workdir whose encoder matches BACKBONE."""
     wd = tmp_path_factory.mktemp('stage1')
-    run_main(['--config=configs/quickstart.py', *TINY_MODEL, '--config.model.depth=4', '--config.batch_size=8',
+    run_main(['--config=configs/mae_deit_t.py', *TINY_MODEL, '--config.model.depth=4', '--config.batch_size=8',
               '--config.total_steps=5', '--config.figure_every=0', f'--workdir={wd}'])
     return wd
 
@@ -129,6 +129,13 @@ def test_missing_init_from_is_a_clear_error(tmp_path):
     proc = run_main(['--config=configs/carb_deit_t.py', f'--workdir={tmp_path}', '--config.total_steps=1'],
                     check=False)
     assert proc.returncode != 0 and 'init_from' in proc.stderr and 'Traceback' not in proc.stderr
+
+
+def test_bad_carb_setting_is_a_clear_error(tmp_path):
+    proc = run_main(['--config=configs/carb_deit_t.py', f'--workdir={tmp_path}', '--config.carb.layer=12',
+                     '--config.carb.mode=C'], check=False)
+    assert proc.returncode != 0 and 'carb.layer=12' in proc.stderr and "carb.mode='C'" in proc.stderr
+    assert 'Traceback' not in proc.stderr
 
 
 def test_backbone_of_another_size_is_a_clear_error(stage1, tmp_path):

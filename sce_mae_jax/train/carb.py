@@ -45,8 +45,6 @@ def carb_features(backbone, images, *, encoder: ViT, cc) -> dict:
     only CLS + attentive + centre tokens and spreads their outputs back over the map.
     """
     layer = cc.layer
-    if not 0 <= layer < encoder.depth:
-        raise ValueError(f'carb.layer={layer} is outside the backbone\'s blocks 0..{encoder.depth - 1}')
     p = {'params': backbone}
     x = encoder.apply(p, images, method=lambda m, im: m.prepend_cls(m.embed(im)))
     x, outs, logits = encoder.apply(p, x, 0, layer + 1, None, (layer,), method=ViT.blocks_forward)
@@ -99,6 +97,29 @@ def stage2_loss(proj_params, feats, *, projector: Projector, config, positions):
 
 
 # ---------------------------------------------------------------------------------------------- model & step
+def validate(config) -> None:
+    """Stops on settings that would otherwise fail deep inside the jitted step."""
+    cc, m = config.carb, config.model
+    n = (m.image_size // m.patch_size) ** 2
+    problems = []
+    if not 0 <= cc.layer < m.depth:
+        problems.append(f'carb.layer={cc.layer} must be a block of the backbone, 0..{m.depth - 1}')
+    if not 0.0 <= cc.eta <= 1.0:
+        problems.append(f'carb.eta={cc.eta} must be in [0, 1]')
+    if not 1 <= cc.num_clusters <= n:
+        problems.append(f'carb.num_clusters={cc.num_clusters} must be in 1..{n}')
+    if cc.mode not in ('A', 'B'):
+        problems.append(f"carb.mode={cc.mode!r} must be 'A' or 'B'")
+    if cc.objective not in ('lcr', 'lead'):
+        problems.append(f"carb.objective={cc.objective!r} must be 'lcr' or 'lead'")
+    if config.lcr.locality not in ('log', 'linear', 'none'):
+        problems.append(f"lcr.locality={config.lcr.locality!r} must be 'log', 'linear' or 'none'")
+    if len(config.lcr.rep) != 3:
+        problems.append(f'lcr.rep={config.lcr.rep} must be three numbers (att-att, att-inatt, inatt-inatt)')
+    if problems:
+        raise common.ConfigError('; '.join(problems))
+
+
 def build(config, dataset_len: int):
     encoder = encoder_from_model_config(config.model)
     projector = Projector(**config.projector)
@@ -156,6 +177,7 @@ def load_backbone(config, workdir: str, expected) -> dict:
 def train(config, workdir: str) -> dict:
     from sce_mae_jax.data.sources import get_source
 
+    validate(config)
     common.prepare_workdir(workdir, config)
     mesh = common.make_mesh()
     common.check_batch_size(config.batch_size)

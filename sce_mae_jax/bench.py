@@ -1,0 +1,191 @@
+"""Throughput and cost benchmarks; results go to docs/benchmarks.md with the command, machine and date.
+
+    # the compiled train step of any training config, on synthetic input, after warm-up
+    python -m sce_mae_jax.bench --config=configs/mae_deit_s.py --config.batch_size=64 --steps=20
+    python -m sce_mae_jax.bench --config=configs/carb_deit_s.py --steps=20
+    # synthetic-face generator and stage-1 input pipeline images/s on this host
+    python -m sce_mae_jax.bench --config=configs/mae_deit_s.py --mode=data
+    # stage-2 loss: selective (attentive + centres) vs full correspondence, FLOPs / memory / time
+    python -m sce_mae_jax.bench --config=configs/carb_deit_s.py --mode=loss
+
+The last line of `--mode=step` is `imgs_per_s=<number>`.
+"""
+from __future__ import annotations
+
+import functools
+import platform
+import resource
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+
+config_flags.DEFINE_config_file('config', None, 'A training config (configs/*.py[:arg]).', lock_config=True)
+flags.DEFINE_enum('mode', 'step', ['step', 'data', 'loss'], 'What to measure.')
+flags.DEFINE_integer('steps', 20, 'Timed steps (after warm-up).')
+flags.DEFINE_integer('warmup', 3, 'Untimed steps after compilation.')
+flags.DEFINE_float('peak_tflops', 0.0, 'Measured peak of the device (TFLOP/s) to report model FLOP utilisation.')
+FLAGS = flags.FLAGS
+
+
+def _machine() -> str:
+    d = jax.devices()[0]
+    return f'{jax.device_count()}x {d.device_kind} ({d.platform}), host {platform.node()}, jax {jax.__version__}'
+
+
+def _peak_memory_gib() -> str:
+    stats = jax.devices()[0].memory_stats() or {}
+    if 'peak_bytes_in_use' in stats:
+        return f'device peak {stats["peak_bytes_in_use"] / 2**30:.2f} GiB'
+    return f'host peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB'
+
+
+def _flops(compiled) -> float:
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return float((cost or {}).get('flops', 0.0))
+
+
+def build_step(config):
+    """(jitted step, state, extra args, batch) for the config's job, on random input."""
+    from sce_mae_jax.train import carb as carb_train, common, pretrain
+
+    mesh = common.make_mesh()
+    repl, data_sh = common.replicated(mesh), common.data_sharded(mesh)
+    common.check_batch_size(config.batch_size)
+    size = config.model.image_size
+    images = np.random.default_rng(0).integers(0, 256, (config.batch_size, size, size, 3), dtype=np.uint8)
+    batch = common.global_batch({'image': images}, data_sh)
+    if config.job == 'pretrain':
+        model, tx, schedule, _ = pretrain.build(config, 10**6)
+        init = functools.partial(pretrain.init_state, model, tx, config.seed)
+        state_sh = jax.tree.map(lambda _: repl, jax.eval_shape(init))
+        state = jax.jit(init, out_shardings=state_sh)()
+        step = jax.jit(functools.partial(pretrain.train_step, model=model, tx=tx, schedule=schedule),
+                       in_shardings=(state_sh, data_sh), out_shardings=(state_sh, repl), donate_argnums=0)
+        return step, state, (), batch
+    if config.job == 'carb':
+        encoder, projector, tx, schedule, _ = carb_train.build(config, 10**6)
+        backbone = jax.jit(encoder.init, out_shardings=repl)(jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3)))
+        backbone = backbone['params']
+        init = functools.partial(carb_train.init_state, projector, tx, config.seed, encoder.num_patches,
+                                 encoder.embed_dim)
+        state_sh = jax.tree.map(lambda _: repl, jax.eval_shape(init))
+        state = jax.jit(init, out_shardings=state_sh)()
+        step = jax.jit(functools.partial(carb_train.train_step, encoder=encoder, projector=projector, tx=tx,
+                                         schedule=schedule, config=config),
+                       in_shardings=(state_sh, repl, data_sh), out_shardings=(state_sh, repl), donate_argnums=0)
+        return step, state, (backbone,), batch
+    raise ValueError(f'no benchmark for job {config.job!r}')
+
+
+def bench_step(config) -> float:
+    step, state, extra, batch = build_step(config)
+    t0 = time.perf_counter()
+    compiled = step.lower(state, *extra, batch).compile()
+    print(f'compile: {time.perf_counter() - t0:.1f} s')
+    flops = _flops(compiled)
+    for _ in range(FLAGS.warmup):
+        state, metrics = compiled(state, *extra, batch)
+    jax.block_until_ready(metrics)
+    t0 = time.perf_counter()
+    for _ in range(FLAGS.steps):
+        state, metrics = compiled(state, *extra, batch)
+    jax.block_until_ready((state, metrics))
+    dt = (time.perf_counter() - t0) / FLAGS.steps
+    ips = config.batch_size / dt
+    print(f'machine: {_machine()}')
+    print(f'job={config.job} batch={config.batch_size} dtype={config.model.get("dtype", "float32")} '
+          f'step={dt * 1e3:.1f} ms  loss={float(metrics["loss"]):.4f}  {_peak_memory_gib()}')
+    if flops:
+        achieved = flops / dt / 1e12
+        line = f'XLA-counted step FLOPs {flops / 1e9:.1f} G ({flops / config.batch_size / 1e9:.2f} G/image), {achieved:.2f} TFLOP/s'
+        if FLAGS.peak_tflops:
+            line += f', MFU {100 * achieved / FLAGS.peak_tflops:.1f}% of {FLAGS.peak_tflops} TFLOP/s'
+        print(line)
+    print(f'imgs_per_s={ips:.2f}')
+    return ips
+
+
+def bench_data(config) -> None:
+    from sce_mae_jax.data import pipeline
+    from sce_mae_jax.data.synthetic import SyntheticFaces
+
+    src = SyntheticFaces('pretrain', seed=config.data_seed)
+    src[0]
+    n = 200
+    t0 = time.perf_counter()
+    for i in range(1, n + 1):
+        src[i]
+    gen = n / (time.perf_counter() - t0)
+    print(f'synthetic generator (136 px, one thread): {gen:.0f} images/s')
+    for workers in (0, 2):
+        it = pipeline.train_iterator(src, global_batch=64, seed=0, num_workers=workers,
+                                     transform=pipeline.pretrain_augment(config.model.image_size))
+        next(it)
+        t0 = time.perf_counter()
+        batches = 10
+        for _ in range(batches):
+            next(it)
+        rate = batches * 64 / (time.perf_counter() - t0)
+        print(f'stage-1 pipeline (generate + random resized crop + flip, batch 64, {workers} worker processes): '
+              f'{rate:.0f} images/s')
+    print(f'machine: {_machine()}')
+
+
+def bench_loss(config) -> None:
+    """The LCR loss (projector output → loss, forward + backward) on |T| selected tokens vs all N."""
+    from sce_mae_jax import carb
+    from sce_mae_jax.train import carb as carb_train
+
+    b, n, d = config.batch_size, (config.model.image_size // config.model.patch_size) ** 2, config.projector.out_dim
+    rng = np.random.default_rng(0)
+    proj = jnp.asarray(rng.normal(size=(b, n, d)), jnp.float32)
+    sim = jnp.asarray(rng.normal(size=(b, 1, n)), jnp.float32)
+    attentive = carb.attentive_mask(sim, config.carb.eta)
+    centres = jnp.asarray(np.stack([rng.choice(np.flatnonzero(~np.asarray(a)), config.carb.num_clusters, replace=False)
+                                    for a in attentive]))
+    selected = attentive | jnp.any(centres[..., None] == jnp.arange(n), axis=1)
+    pos = carb.token_positions(int(n ** 0.5), int(n ** 0.5), config.model.patch_size)
+    size = carb_train.selected_size(config.carb, n)
+    lcr = functools.partial(carb.lcr_loss, tau=config.lcr.tau, rep=tuple(config.lcr.rep), locality=config.lcr.locality)
+
+    def selective(p):
+        g, att, valid, gpos = carb_train.gather_selected(p, attentive, selected, pos, size)
+        return lcr(g, valid, att, gpos)[0]
+
+    def full(p):
+        return lcr(p, jnp.ones_like(selected), attentive, pos)[0]
+
+    print(f'LCR loss + gradient, batch {b}, N={n}, |T|={size}, D={d}; {_machine()}')
+    for name, fn in (('selective (attentive + centres)', selective), ('full correspondence (all N)', full)):
+        compiled = jax.jit(jax.value_and_grad(fn)).lower(proj).compile()
+        mem = compiled.memory_analysis()
+        temp = getattr(mem, 'temp_size_in_bytes', 0) if mem is not None else 0
+        out = compiled(proj)
+        jax.block_until_ready(out)
+        t0 = time.perf_counter()
+        for _ in range(50):
+            out = compiled(proj)
+        jax.block_until_ready(out)
+        dt = (time.perf_counter() - t0) / 50
+        print(f'{name}: {_flops(compiled) / 1e6:.2f} MFLOP, temp memory {temp / 2**20:.2f} MiB, {dt * 1e3:.3f} ms')
+
+
+def main(argv):
+    del argv
+    config = FLAGS.config
+    if FLAGS.mode == 'data':
+        bench_data(config)
+    elif FLAGS.mode == 'loss':
+        bench_loss(config)
+    else:
+        bench_step(config)
+
+
+if __name__ == '__main__':
+    flags.mark_flags_as_required(['config'])
+    app.run(main)
