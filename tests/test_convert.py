@@ -66,3 +66,21 @@ def test_encoder_import_matches_pytorch_semantics():
 def test_not_a_mae_state_dict_is_a_clear_error():
     with pytest.raises(ValueError, match='patch_embed.proj.weight'):
         mae_from_torch({'fc.weight': np.zeros((2, 2))})
+
+
+def test_converted_checkpoint_is_what_init_from_loads(tmp_path):
+    import ml_collections
+
+    from sce_mae_jax.train.common import ConfigError, load_params
+    from sce_mae_jax.convert import write_checkpoint
+
+    sd = _torch_layout_state_dict(np.random.default_rng(1))
+    config = ml_collections.ConfigDict({'model': dict(embed_dim=D, depth=DEPTH, num_heads=H, patch_size=8,
+                                                      image_size=96, decoder_embed_dim=32, decoder_depth=1,
+                                                      decoder_num_heads=2)})
+    write_checkpoint(mae_from_torch(sd), config, str(tmp_path / 'conv'))
+    params = load_params(str(tmp_path / 'conv'))
+    np.testing.assert_array_equal(params['encoder']['blocks_1']['mlp']['fc2']['bias'], sd['blocks.1.mlp.fc2.bias'])
+    config.model.embed_dim = 64
+    with pytest.raises(ConfigError, match='does not fit config.model'):
+        write_checkpoint(mae_from_torch(sd), config, str(tmp_path / 'conv2'))

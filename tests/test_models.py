@@ -114,3 +114,14 @@ def test_capture_returns_block_tokens_and_cls_logits():
     qkv = (hn @ p0['attn']['qkv']['kernel'] + p0['attn']['qkv']['bias']).reshape(2, 145, 3, 2, 24)
     ref = jnp.einsum('bhd,bnhd->bhn', qkv[:, 0, 0], qkv[:, 1:, 1]) / np.sqrt(24)
     np.testing.assert_allclose(np.asarray(out['cls_logits'][0]), np.asarray(ref), rtol=1e-4, atol=1e-5)
+
+
+def test_bfloat16_compute_keeps_float32_parameters():
+    model = _tiny_mae(dtype='bfloat16')
+    x = jnp.asarray(np.random.default_rng(5).normal(size=(2, 96, 96, 3)), jnp.float32)
+    noise = jnp.asarray(np.random.default_rng(6).uniform(size=(2, 144)), jnp.float32)
+    params = model.init(jax.random.PRNGKey(0), x, noise=noise)['params']
+    assert {p.dtype for p in jax.tree.leaves(params)} == {jnp.dtype('float32')}
+    loss16, _, _ = model.apply({'params': params}, x, noise=noise)
+    loss32, _, _ = _tiny_mae().apply({'params': params}, x, noise=noise)
+    assert loss16.dtype == jnp.float32 and abs(float(loss16) - float(loss32)) < 0.05 * float(loss32)

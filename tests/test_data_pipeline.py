@@ -1,0 +1,79 @@
+"""grain input pipeline: the global batch does not depend on the process count, state resumes exactly."""
+from unittest import mock
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sce_mae_jax.data import pipeline
+
+
+def _source(n=40):
+    return pipeline.ArraySource(image=np.zeros((n, 4, 4, 3), np.uint8), id=np.arange(n))
+
+
+def _ids(it, steps):
+    return [next(it)['id'].tolist() for _ in range(steps)]
+
+
+def _iterator(src, process_count=1, process_index=0, **kw):
+    with mock.patch.object(jax, 'process_count', return_value=process_count), \
+            mock.patch.object(jax, 'process_index', return_value=process_index):
+        return pipeline.train_iterator(src, global_batch=8, seed=3, transform=lambda e, r: e, **kw)
+
+
+def test_global_batch_is_the_same_for_any_process_count():
+    src = _source()
+    single = _ids(_iterator(src), 12)  # 12 steps > 1 epoch of 40: crosses a reshuffle
+    parts = [_ids(_iterator(src, 2, i), 12) for i in range(2)]
+    assert [a + b for a, b in zip(*parts)] == single
+    assert not set(parts[0][0]) & set(parts[1][0])
+    # every epoch is a permutation, and epochs are shuffled differently
+    flat = sum(single, [])
+    assert sorted(flat[:40]) == list(range(40)) and flat[:40] != flat[40:80]
+
+
+def test_iterator_state_resumes_on_the_next_batch():
+    it = _iterator(_source())
+    _ids(it, 3)
+    state = it.get_state()
+    expected = _ids(it, 4)
+    it2 = _iterator(_source())
+    it2.set_state(state)
+    assert _ids(it2, 4) == expected
+
+
+def test_worker_processes_give_the_same_batches():
+    src = _source()
+    assert _ids(_iterator(src, num_workers=2), 6) == _ids(_iterator(src), 6)
+
+
+def test_pretrain_augment_is_deterministic_per_position_and_shaped():
+    src = pipeline.ArraySource(image=np.random.default_rng(0).integers(0, 255, (16, 136, 136, 3), dtype=np.uint8))
+    aug = pipeline.pretrain_augment(96)
+    a = next(pipeline.train_iterator(src, global_batch=8, seed=1, transform=aug))['image']
+    b = next(pipeline.train_iterator(src, global_batch=8, seed=1, transform=aug))['image']
+    assert a.shape == (8, 96, 96, 3) and a.dtype == np.uint8
+    np.testing.assert_array_equal(a, b)
+
+
+def test_random_resized_crop_of_full_box_is_a_resize():
+    img = np.random.default_rng(1).integers(0, 255, (136, 136, 3), dtype=np.uint8)
+    out = pipeline.random_resized_crop(img, 96, np.random.default_rng(0), scale=(1.0, 1.0), ratio=(1.0, 1.0))
+    assert out.shape == (96, 96, 3)
+    assert abs(float(out.mean()) - float(img.mean())) < 2.0
+
+
+def test_eval_transform_moves_landmarks_with_the_crop():
+    img = np.zeros((136, 136, 3), np.uint8)
+    img[70, 50] = 255
+    out = pipeline.eval_transform(96)({'image': img, 'landmarks': np.array([[50.0, 70.0]], np.float32)})
+    x, y = out['landmarks'][0]
+    assert out['image'][int(y), int(x), 0] == 255 and (x, y) == (30.0, 50.0)
+
+
+def test_normalize_uses_celeba_statistics_and_inverts():
+    img = np.random.default_rng(2).integers(0, 255, (2, 4, 4, 3), dtype=np.uint8)
+    x = np.asarray(pipeline.normalize(jnp.asarray(img)))
+    np.testing.assert_allclose(x[..., 0], (img[..., 0] / 255 - 0.5084) / 0.2599, rtol=1e-5)
+    np.testing.assert_array_equal(pipeline.denormalize(x), img)
