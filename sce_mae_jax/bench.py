@@ -7,6 +7,8 @@
     python -m sce_mae_jax.bench --config=configs/mae_deit_s.py --mode=data
     # stage-2 loss: selective (attentive + centres) vs full correspondence, FLOPs / memory / time
     python -m sce_mae_jax.bench --config=configs/carb_deit_s.py --mode=loss
+    # bare fp32 matmul GFLOP/s at the MAE step's shapes: the ceiling any implementation has on this device
+    python -m sce_mae_jax.bench --config=configs/mae_deit_s.py --config.batch_size=64 --mode=matmul
 
 The last line of `--mode=step` is `imgs_per_s=<number>`.
 """
@@ -24,7 +26,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 config_flags.DEFINE_config_file('config', None, 'A training config (configs/*.py[:arg]).', lock_config=True)
-flags.DEFINE_enum('mode', 'step', ['step', 'data', 'loss'], 'What to measure.')
+flags.DEFINE_enum('mode', 'step', ['step', 'data', 'loss', 'matmul'], 'What to measure.')
 flags.DEFINE_integer('steps', 20, 'Timed steps (after warm-up).')
 flags.DEFINE_integer('warmup', 3, 'Untimed steps after compilation.')
 flags.DEFINE_float('peak_tflops', 0.0, 'Measured peak of the device (TFLOP/s) to report model FLOP utilisation.')
@@ -175,6 +177,28 @@ def bench_loss(config) -> None:
         print(f'{name}: {_flops(compiled) / 1e6:.2f} MFLOP, temp memory {temp / 2**20:.2f} MiB, {dt * 1e3:.3f} ms')
 
 
+def bench_matmul(config) -> None:
+    """GFLOP/s of single fp32 matmuls shaped like the MAE step's encoder MLP, decoder MLP and decoder qkv."""
+    m = config.model
+    b = config.batch_size
+    visible = int(m.image_size ** 2 / m.patch_size ** 2 * (1 - m.mask_ratio)) + 1
+    shapes = [(b * visible, m.embed_dim, 4 * m.embed_dim),
+              (b * (m.image_size ** 2 // m.patch_size ** 2 + 1), m.decoder_embed_dim, 4 * m.decoder_embed_dim),
+              (b * (m.image_size ** 2 // m.patch_size ** 2 + 1), m.decoder_embed_dim, 3 * m.decoder_embed_dim)]
+    print(f'machine: {_machine()}')
+    for rows, k, n in shapes:
+        x = jnp.ones((rows, k), jnp.float32)
+        w = jnp.ones((k, n), jnp.float32)
+        f = jax.jit(jnp.matmul)
+        f(x, w).block_until_ready()
+        t0 = time.perf_counter()
+        for _ in range(10):
+            out = f(x, w)
+        out.block_until_ready()
+        dt = (time.perf_counter() - t0) / 10
+        print(f'({rows}x{k}) @ ({k}x{n}): {2 * rows * k * n / dt / 1e9:.0f} GFLOP/s')
+
+
 def main(argv):
     del argv
     config = FLAGS.config
@@ -182,6 +206,8 @@ def main(argv):
         bench_data(config)
     elif FLAGS.mode == 'loss':
         bench_loss(config)
+    elif FLAGS.mode == 'matmul':
+        bench_matmul(config)
     else:
         bench_step(config)
 
