@@ -209,13 +209,12 @@ def train(config, workdir: str) -> dict:
     step = jax.jit(functools.partial(train_step, encoder=encoder, projector=projector, tx=tx, schedule=schedule,
                                      config=config),
                    in_shardings=(state_sh, repl, data_sh), out_shardings=(state_sh, repl), donate_argnums=0)
-    clusters_fn = jax.jit(lambda bb, im: carb_features(bb, pipeline.normalize(im, encoder.dtype), encoder=encoder,
-                                                       cc=config.carb)['cluster_id'], out_shardings=repl)
+    # Returns the images too, replicated, so every process can fetch them; all processes join the call.
+    clusters_fn = jax.jit(lambda bb, im: (im, carb_features(bb, pipeline.normalize(im, encoder.dtype), encoder=encoder,
+                                                            cc=config.carb)['cluster_id']), out_shardings=repl)
 
     def figure_fn(step_num, state, batch):
-        images = batch['image'][:8]
-        cid = clusters_fn(backbone, images)
-        images = jax.jit(lambda a: a, out_shardings=repl)(images)
+        images, cid = clusters_fn(backbone, batch['image'][:8])
         if jax.process_index() == 0:
             os.makedirs(os.path.join(workdir, 'figures'), exist_ok=True)
             figures.save_cluster_png(os.path.join(workdir, 'figures', f'clusters_{step_num:07d}.png'),

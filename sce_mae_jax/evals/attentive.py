@@ -1,0 +1,73 @@
+"""Do attentive tokens cover the landmarks? (paper 001 §3.2's premise, supplementary Fig. S1)
+
+    python -m sce_mae_jax.evals.attentive --init_from=<stage-1 workdir> [--eta=0.1 --num_images=128]
+
+For every block, the share of attentive tokens (eq. 1 on that block's CLS attention) whose 8x8 cell holds at
+least one ground-truth landmark, next to the share of all tokens that do (the chance level). Uses the synthetic
+faces' 68 points, or a real dataset's landmarks with --data.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sce_mae_jax import carb
+
+
+def landmark_tokens(landmarks, grid: int, patch: int) -> jax.Array:
+    """(B, L, 2) xy pixels in the model frame → (B, grid·grid) bool: the token cell holds a landmark."""
+    cells = jnp.clip(jnp.floor(landmarks / patch).astype(jnp.int32), 0, grid - 1)
+    index = cells[..., 1] * grid + cells[..., 0]
+    return jnp.any(index[..., None] == jnp.arange(grid * grid), axis=1)
+
+
+def attentive_coverage(attentive, on_landmark) -> tuple[float, float]:
+    """(share of attentive tokens on a landmark, share of all tokens on a landmark)."""
+    attentive, on_landmark = np.asarray(attentive), np.asarray(on_landmark)
+    return float(on_landmark[attentive].mean()), float(on_landmark.mean())
+
+
+def main(argv):
+    del argv
+    from absl import flags
+
+    from sce_mae_jax.data import pipeline
+    from sce_mae_jax.data.sources import get_source
+    from sce_mae_jax.models.mae import encoder_from_model_config
+    from sce_mae_jax.train.common import load_params
+
+    f = flags.FLAGS
+    with open(os.path.join(f.init_from, 'config.json')) as fh:
+        model_config = json.load(fh)['model']
+    encoder = encoder_from_model_config(model_config)
+    params = load_params(f.init_from)
+    params = params.get('encoder', params)
+    src = get_source(f.data, f.split, manual_dir=f.manual_dir or None, data_dir=f.data_dir or None)
+    crop = pipeline.eval_transform(encoder.image_size)
+    key = 'landmarks68' if 'landmarks68' in src[0] else 'landmarks'
+    examples = [crop({'image': src[i]['image'], 'landmarks': src[i][key]}) for i in range(f.num_images)]
+    images = pipeline.normalize(jnp.asarray(np.stack([e['image'] for e in examples])))
+    on_lm = landmark_tokens(jnp.asarray(np.stack([e['landmarks'] for e in examples])), encoder.grid,
+                            encoder.patch_size)
+    out = jax.jit(lambda p, x: encoder.apply({'params': p}, x, capture=tuple(range(encoder.depth))))(params, images)
+    for block in range(encoder.depth):
+        share, chance = attentive_coverage(carb.attentive_mask(out['cls_logits'][block], f.eta), on_lm)
+        print(f'block {block}: {100 * share:.1f}% of attentive tokens hold a landmark (chance {100 * chance:.1f}%)')
+
+
+if __name__ == '__main__':
+    from absl import app, flags
+
+    flags.DEFINE_string('init_from', None, 'Stage-1 workdir (its config.json gives the model).')
+    flags.DEFINE_float('eta', 0.1, 'Attentive rate.')
+    flags.DEFINE_integer('num_images', 128, 'Images to average over.')
+    flags.DEFINE_string('data', 'synthetic', 'Dataset with landmarks.')
+    flags.DEFINE_string('split', 'test', 'Split.')
+    flags.DEFINE_string('manual_dir', '', 'Raw files of a real dataset.')
+    flags.DEFINE_string('data_dir', '', 'Prepared TFDS datasets.')
+    flags.mark_flags_as_required(['init_from'])
+    app.run(main)
