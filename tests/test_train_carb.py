@@ -143,3 +143,23 @@ def test_backbone_of_another_size_is_a_clear_error(stage1, tmp_path):
                      '--config.total_steps=1'], check=False)  # DeiT-T config vs the 48-d stage-1 model
     assert proc.returncode != 0 and 'does not fit config.model' in proc.stderr, proc.stderr[-2000:]
     assert 'Traceback' not in proc.stderr
+
+
+def test_step_does_no_backward_pass_through_the_backbone():
+    """XLA's FLOP count of the whole stage-2 step stays close to one backbone forward pass; a backward through
+    the backbone would add about twice the forward again."""
+    config = _config(batch_size=4)
+    encoder, projector, tx, schedule, _ = carb_train.build(config, 100)
+    vit, backbone, images = _backbone_and_images(batch=4)
+    state = carb_train.init_state(projector, tx, 0, 144, 48)
+    batch = {'image': jnp.zeros((4, 96, 96, 3), jnp.uint8)}
+    step = jax.jit(functools.partial(carb_train.train_step, encoder=encoder, projector=projector, tx=tx,
+                                     schedule=schedule, config=config))
+
+    def flops(compiled):
+        cost = compiled.cost_analysis()
+        return float((cost[0] if isinstance(cost, (list, tuple)) else cost)['flops'])
+
+    step_flops = flops(step.lower(state, backbone, batch).compile())
+    forward_flops = flops(jax.jit(lambda p, x: vit.apply({'params': p}, x)).lower(backbone, images).compile())
+    assert forward_flops < step_flops < 1.4 * forward_flops, (step_flops, forward_flops)
