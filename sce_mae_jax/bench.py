@@ -62,25 +62,13 @@ def build_step(config):
     images = np.random.default_rng(0).integers(0, 256, (config.batch_size, size, size, 3), dtype=np.uint8)
     batch = common.global_batch({'image': images}, data_sh)
     if config.job == 'pretrain':
-        model, tx, schedule, _ = pretrain.build(config, 10**6)
-        init = functools.partial(pretrain.init_state, model, tx, config.seed)
-        state_sh = jax.tree.map(lambda _: repl, jax.eval_shape(init))
-        state = jax.jit(init, out_shardings=state_sh)()
-        step = jax.jit(functools.partial(pretrain.train_step, model=model, tx=tx, schedule=schedule),
-                       in_shardings=(state_sh, data_sh), out_shardings=(state_sh, repl), donate_argnums=0)
+        *_, state, _, step = pretrain.state_and_step(config, mesh, 10**6)
         return step, state, (), batch
     if config.job == 'carb':
-        encoder, projector, tx, schedule, _ = carb_train.build(config, 10**6)
+        carb_train.validate(config)
+        encoder, _, state, _, step = carb_train.state_and_step(config, mesh, 10**6)
         backbone = jax.jit(encoder.init, out_shardings=repl)(jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3)))
-        backbone = backbone['params']
-        init = functools.partial(carb_train.init_state, projector, tx, config.seed, encoder.num_patches,
-                                 encoder.embed_dim)
-        state_sh = jax.tree.map(lambda _: repl, jax.eval_shape(init))
-        state = jax.jit(init, out_shardings=state_sh)()
-        step = jax.jit(functools.partial(carb_train.train_step, encoder=encoder, projector=projector, tx=tx,
-                                         schedule=schedule, config=config),
-                       in_shardings=(state_sh, repl, data_sh), out_shardings=(state_sh, repl), donate_argnums=0)
-        return step, state, (backbone,), batch
+        return step, state, (backbone['params'],), batch
     raise ValueError(f'no benchmark for job {config.job!r}')
 
 

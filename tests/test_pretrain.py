@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import REPO, TINY_MODEL, losses, run_main
+from conftest import REPO, losses, run_main
 
 
 def test_loss_falls(tmp_path, tiny_pretrain_args):

@@ -9,8 +9,6 @@ Without `noise` the masking noise is drawn from the 'masking' RNG stream.
 """
 from __future__ import annotations
 
-from typing import Any
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp

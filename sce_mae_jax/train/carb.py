@@ -129,6 +129,21 @@ def build(config, dataset_len: int):
     return encoder, projector, tx, schedule, total
 
 
+def state_and_step(config, mesh, dataset_len: int):
+    """The replicated initial projector state and the step jitted over `mesh` (the backbone a replicated
+    argument, the batch on `data`, the state donated): what training runs and what `bench.py` times.
+    Returns (encoder, total_steps, state, state_sharding, step) with `step(state, backbone, batch)`."""
+    repl, data_sh = common.replicated(mesh), common.data_sharded(mesh)
+    encoder, projector, tx, schedule, total_steps = build(config, dataset_len)
+    init = functools.partial(init_state, projector, tx, config.seed, encoder.num_patches, encoder.embed_dim)
+    state_sh = jax.tree.map(lambda _: repl, jax.eval_shape(init))
+    state = jax.jit(init, out_shardings=state_sh)()
+    step = jax.jit(functools.partial(train_step, encoder=encoder, projector=projector, tx=tx, schedule=schedule,
+                                     config=config),
+                   in_shardings=(state_sh, repl, data_sh), out_shardings=(state_sh, repl), donate_argnums=0)
+    return encoder, total_steps, state, state_sh, step
+
+
 def init_state(projector, tx, seed: int, num_tokens: int, width: int):
     rng = jax.random.PRNGKey(seed)
     params = projector.init(jax.random.fold_in(rng, 0), jnp.zeros((1, num_tokens, width)))['params']
@@ -197,18 +212,12 @@ def train(config, workdir: str) -> dict:
     it = pipeline.train_iterator(source, global_batch=config.batch_size, seed=config.seed, transform=transform,
                                  num_workers=config.input.workers)
 
-    encoder, projector, tx, schedule, total_steps = build(config, len(source))
+    encoder, total_steps, state, state_sh, step = state_and_step(config, mesh, len(source))
     expected = jax.eval_shape(encoder.init, jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3)))['params']
     backbone = common.replicate(load_backbone(config, workdir, expected), mesh)
-    init = functools.partial(init_state, projector, tx, config.seed, encoder.num_patches, encoder.embed_dim)
-    state_sh = jax.tree.map(lambda _: repl, jax.eval_shape(init))
-    state = jax.jit(init, out_shardings=state_sh)()
     logging.info('frozen backbone %s parameters; projector %s', f'{common.tree_size(backbone):,}',
                  f'{common.tree_size(state["params"]):,}')
 
-    step = jax.jit(functools.partial(train_step, encoder=encoder, projector=projector, tx=tx, schedule=schedule,
-                                     config=config),
-                   in_shardings=(state_sh, repl, data_sh), out_shardings=(state_sh, repl), donate_argnums=0)
     # Returns the images too, replicated, so every process can fetch them; all processes join the call.
     clusters_fn = jax.jit(lambda bb, im: (im, carb_features(bb, pipeline.normalize(im, encoder.dtype), encoder=encoder,
                                                             cc=config.carb)['cluster_id']), out_shardings=repl)

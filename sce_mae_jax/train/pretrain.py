@@ -29,6 +29,19 @@ def build(config, dataset_len: int):
     return model, tx, schedule, total
 
 
+def state_and_step(config, mesh, dataset_len: int):
+    """The replicated initial state and the step jitted over `mesh` (batch on `data`, state donated): what
+    training runs and what `bench.py` times. Returns (model, tx, total_steps, state, state_sharding, step)."""
+    repl, data_sh = common.replicated(mesh), common.data_sharded(mesh)
+    model, tx, schedule, total_steps = build(config, dataset_len)
+    init = functools.partial(init_state, model, tx, config.seed)
+    state_sh = jax.tree.map(lambda _: repl, jax.eval_shape(init))
+    state = jax.jit(init, out_shardings=state_sh)()
+    step = jax.jit(functools.partial(train_step, model=model, tx=tx, schedule=schedule),
+                   in_shardings=(state_sh, data_sh), out_shardings=(state_sh, repl), donate_argnums=0)
+    return model, tx, total_steps, state, state_sh, step
+
+
 def init_state(model, tx, seed: int):
     """{'step', 'params', 'opt_state', 'rng'}: a plain pytree so orbax and jit treat it as data."""
     rng = jax.random.PRNGKey(seed)
@@ -89,9 +102,7 @@ def train(config, workdir: str) -> dict:
         transform=pipeline.pretrain_augment(config.model.image_size, config.input.crop_scale, config.input.flip),
         num_workers=config.input.workers)
 
-    model, tx, schedule, total_steps = build(config, len(source))
-    state_sh = jax.tree.map(lambda _: repl, jax.eval_shape(functools.partial(init_state, model, tx), config.seed))
-    state = jax.jit(functools.partial(init_state, model, tx), static_argnums=0, out_shardings=state_sh)(config.seed)
+    model, tx, total_steps, state, state_sh, step_fn = state_and_step(config, mesh, len(source))
     logging.info('model: %s parameters (encoder %s)', f'{common.tree_size(state["params"]):,}',
                  f'{common.tree_size(state["params"]["encoder"]):,}')
 
@@ -104,8 +115,6 @@ def train(config, workdir: str) -> dict:
         state = {**state, 'params': params,
                  'opt_state': jax.jit(tx.init, out_shardings=state_sh['opt_state'])(params)}
 
-    step_fn = jax.jit(functools.partial(train_step, model=model, tx=tx, schedule=schedule),
-                      in_shardings=(state_sh, data_sh), out_shardings=(state_sh, repl), donate_argnums=0)
     # Every process joins this call (the params span all hosts); only process 0 writes the PNG.
     recon_fn = jax.jit(functools.partial(reconstruct, model=model), out_shardings=repl)
 
