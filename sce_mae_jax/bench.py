@@ -78,6 +78,8 @@ def bench_step(config) -> float:
     compiled = step.lower(state, *extra, batch).compile()
     print(f'compile: {time.perf_counter() - t0:.1f} s')
     flops = _flops(compiled)
+    mem = compiled.memory_analysis()
+    temp = f', XLA temp buffers {mem.temp_size_in_bytes / 2**30:.2f} GiB' if mem is not None else ''
     for _ in range(FLAGS.warmup):
         state, metrics = compiled(state, *extra, batch)
     jax.block_until_ready(metrics)
@@ -89,7 +91,7 @@ def bench_step(config) -> float:
     ips = config.batch_size / dt
     print(f'machine: {_machine()}')
     print(f'job={config.job} batch={config.batch_size} dtype={config.model.get("dtype", "float32")} '
-          f'step={dt * 1e3:.1f} ms  loss={float(metrics["loss"]):.4f}  {_peak_memory_gib()}')
+          f'step={dt * 1e3:.1f} ms  loss={float(metrics["loss"]):.4f}  {_peak_memory_gib()}{temp}')
     if flops:
         achieved = flops / dt / 1e12
         line = f'XLA-counted step FLOPs {flops / 1e9:.1f} G ({flops / config.batch_size / 1e9:.2f} G/image), {achieved:.2f} TFLOP/s'

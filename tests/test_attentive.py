@@ -2,7 +2,7 @@
 import jax.numpy as jnp
 import numpy as np
 
-from sce_mae_jax.evals.attentive import attentive_coverage, landmark_tokens
+from sce_mae_jax.evals.attentive import attentive_coverage, landmark_tokens, position_concentration
 
 
 def test_landmark_tokens_marks_the_right_cells():
@@ -15,3 +15,13 @@ def test_coverage_against_counts():
     on = np.array([[True, False, True, False]])
     att = np.array([[True, True, False, False]])
     assert attentive_coverage(att, on) == (0.5, 0.5)
+
+
+def test_position_concentration():
+    fixed = np.zeros((4, 9), bool)
+    fixed[:, [0, 8]] = True  # the same two cells in every image
+    assert position_concentration(fixed) == 1.0
+    moving = np.zeros((4, 9), bool)
+    for i in range(4):
+        moving[i, [i, 8]] = True  # cell 8 in every image, the other one moves
+    assert position_concentration(moving) == 5 / 8  # top-2 cells: 8 (4 times) and 0 (once)

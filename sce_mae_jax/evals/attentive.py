@@ -3,8 +3,11 @@
     python -m sce_mae_jax.evals.attentive --init_from=<stage-1 workdir> [--eta=0.1 --num_images=128]
 
 For every block, the share of attentive tokens (eq. 1 on that block's CLS attention) whose 8x8 cell holds at
-least one ground-truth landmark, next to the share of all tokens that do (the chance level). Uses the synthetic
-faces' 68 points, or a real dataset's landmarks with --data.
+least one ground-truth landmark, next to the share of all tokens that do (the chance level), and how much the
+split depends on position rather than content: the share of attentive tokens that sit on the grid cells most
+often attentive over the images (1.0: the same cells in every image, whatever the face). Uses the synthetic
+faces' 68 points, or a real dataset's landmarks with --data. `--untrained` runs the same model freshly
+initialised, the baseline a trained backbone should beat.
 """
 from __future__ import annotations
 
@@ -31,6 +34,15 @@ def attentive_coverage(attentive, on_landmark) -> tuple[float, float]:
     return float(on_landmark[attentive].mean()), float(on_landmark.mean())
 
 
+def position_concentration(attentive) -> float:
+    """Share of attentive tokens that fall on the k grid cells most often attentive across the batch, k being
+    the number of attentive tokens per image. attentive: (B, N) bool, the same count in every row."""
+    attentive = np.asarray(attentive)
+    k = int(attentive[0].sum())
+    top = np.argsort(-attentive.mean(0), kind='stable')[:k]
+    return float(attentive[:, top].sum() / attentive.sum())
+
+
 def main(argv):
     del argv
     from absl import flags
@@ -44,8 +56,12 @@ def main(argv):
     with open(os.path.join(f.init_from, 'config.json')) as fh:
         model_config = json.load(fh)['model']
     encoder = encoder_from_model_config(model_config)
-    params = load_params(f.init_from)
-    params = params.get('encoder', params)
+    if f.untrained:
+        params = encoder.init(jax.random.PRNGKey(f.seed), jnp.zeros((1, encoder.image_size, encoder.image_size, 3)))
+        params = params['params']
+    else:
+        params = load_params(f.init_from)
+        params = params.get('encoder', params)
     src = get_source(f.data, f.split, manual_dir=f.manual_dir or None, data_dir=f.data_dir or None)
     crop = pipeline.eval_transform(encoder.image_size)
     key = 'landmarks68' if 'landmarks68' in src[0] else 'landmarks'
@@ -55,8 +71,10 @@ def main(argv):
                             encoder.patch_size)
     out = jax.jit(lambda p, x: encoder.apply({'params': p}, x, capture=tuple(range(encoder.depth))))(params, images)
     for block in range(encoder.depth):
-        share, chance = attentive_coverage(carb.attentive_mask(out['cls_logits'][block], f.eta), on_lm)
-        print(f'block {block}: {100 * share:.1f}% of attentive tokens hold a landmark (chance {100 * chance:.1f}%)')
+        attentive = carb.attentive_mask(out['cls_logits'][block], f.eta)
+        share, chance = attentive_coverage(attentive, on_lm)
+        print(f'block {block}: {100 * share:.1f}% of attentive tokens hold a landmark (chance {100 * chance:.1f}%); '
+              f'{100 * position_concentration(attentive):.0f}% sit on the most often attentive cells')
 
 
 if __name__ == '__main__':
@@ -65,6 +83,8 @@ if __name__ == '__main__':
     flags.DEFINE_string('init_from', None, 'Stage-1 workdir (its config.json gives the model).')
     flags.DEFINE_float('eta', 0.1, 'Attentive rate.')
     flags.DEFINE_integer('num_images', 128, 'Images to average over.')
+    flags.DEFINE_bool('untrained', False, 'Use a fresh initialisation of the workdir\'s model instead.')
+    flags.DEFINE_integer('seed', 0, 'Initialisation seed for --untrained.')
     flags.DEFINE_string('data', 'synthetic', 'Dataset with landmarks.')
     flags.DEFINE_string('split', 'test', 'Split.')
     flags.DEFINE_string('manual_dir', '', 'Raw files of a real dataset.')

@@ -76,35 +76,51 @@ def torch_linear_bias_init(fan_in: int):
     return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
 
 
+def _after(g, dtype):
+    """A zero that depends on the incoming gradient g, added to a residual before a backward pass recomputes
+    something large from it. Without it XLA:CPU hoists the recomputation (it depends on forward values only)
+    to right after the forward pass, or CSE merges it with the forward's identical computation, and its result
+    lives until used: memory the recomputation was meant to save. (`jax.lax.optimization_barrier` does not
+    help: XLA:CPU expands it before scheduling.) XLA does not fold x·0 for floats (NaN semantics)."""
+    return (g.reshape(-1)[0] * 0).astype(dtype)
+
+
 def _attention_fwd_core(q, k, v, key_mask, scale):
     logits = jnp.einsum('bhqd,bhkd->bhqk', q, k, preferred_element_type=jnp.float32) * scale
     if key_mask is not None:  # the fill value of jax.nn.dot_product_attention
         logits = jnp.where(key_mask[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    return jnp.einsum('bhqk,bhkd->bqhd', probs, v), probs
+    lse = jax.nn.logsumexp(logits, axis=-1, keepdims=True)
+    probs = jnp.exp(logits - lse).astype(v.dtype)
+    return jnp.einsum('bhqk,bhkd->bqhd', probs, v), lse
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def _attention(q, k, v, key_mask, scale):
     """softmax(q·kᵀ·scale) v for heads-leading q, k, v (batch, heads, T, hd) → (batch, T, heads, hd).
 
-    A custom VJP so the backward pass keeps exactly q, k, v and the probabilities (one (b, h, T, T) array per
-    block); plain autodiff kept three such arrays per block, ~2 GiB of the MAE step at batch 64.
+    A custom VJP so the backward pass keeps only q, k, v and the per-query log-sum-exp, and recomputes the
+    probabilities from them (as flash attention does): no (b, h, T, T) array lives from the forward to the
+    backward pass. Autodiff kept three of them per block (~2 GiB of the MAE step at batch 64), keeping only the
+    probabilities still one (~0.7 GiB); the price is one more q·kᵀ per block.
     """
     return _attention_fwd_core(q, k, v, key_mask, scale)[0]
 
 
 def _attention_fwd(q, k, v, key_mask, scale):
-    out, probs = _attention_fwd_core(q, k, v, key_mask, scale)
-    return out, (q, k, v, key_mask, probs)
+    out, lse = _attention_fwd_core(q, k, v, key_mask, scale)
+    return out, (q, k, v, key_mask, lse)
 
 
 def _attention_bwd(scale, res, g):
-    q, k, v, key_mask, probs = res
-    dv = jnp.einsum('bhqk,bqhd->bhkd', probs, g)
+    q, k, v, key_mask, lse = res
+    k = k + _after(g, k.dtype)
+    logits = jnp.einsum('bhqd,bhkd->bhqk', q, k, preferred_element_type=jnp.float32) * scale
+    if key_mask is not None:
+        logits = jnp.where(key_mask[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
+    p32 = jnp.exp(logits - lse)  # masked keys: p = 0
+    dv = jnp.einsum('bhqk,bqhd->bhkd', p32.astype(v.dtype), g)
     dp = jnp.einsum('bqhd,bhkd->bhqk', g, v, preferred_element_type=jnp.float32)
-    p32 = probs.astype(jnp.float32)
-    ds = (p32 * (dp - jnp.sum(dp * p32, axis=-1, keepdims=True)) * scale).astype(q.dtype)  # masked keys: p = 0
+    ds = (p32 * (dp - jnp.sum(dp * p32, axis=-1, keepdims=True)) * scale).astype(q.dtype)
     dq = jnp.einsum('bhqk,bhkd->bhqd', ds, k)
     dk = jnp.einsum('bhqk,bhqd->bhkd', ds, q)
     mask_ct = None if key_mask is None else np.zeros(key_mask.shape, jax.dtypes.float0)
@@ -124,10 +140,13 @@ class Attention(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x, key_mask=None, return_cls_logits=False):
+    def __call__(self, x, norm, key_mask=None, return_cls_logits=False):
+        """x: the block's input tokens; norm: the (scale, bias) of the LayerNorm applied before the qkv
+        projection (fused with it, see `_norm_dense`)."""
         b, t, d = x.shape
         hd = d // self.num_heads
-        qkv = nn.Dense(3 * d, dtype=self.dtype, kernel_init=xavier, name='qkv')(x)
+        kernel, bias = _DenseParams(d, 3 * d, name='qkv')()
+        qkv = _norm_dense(x, *norm, kernel.astype(self.dtype), bias.astype(self.dtype))
         scale = 1.0 / np.sqrt(hd)
         # Heads-leading (3, batch, heads, T, hd) layout, written out rather than `jax.nn.dot_product_attention`:
         # on XLA:CPU the batched (b, h) matmuls run about twice as fast with the head axis next to the batch
@@ -150,8 +169,9 @@ def _gelu(x):
 @jax.custom_vjp
 def _gelu_dense(h, kernel, bias):
     """gelu(h) @ kernel + bias, keeping only h for the backward pass (gelu(h) is recomputed there, fused into
-    the GELU-gradient loop): one (tokens, 4·D) array less per block, ~1 GiB of the MAE step at batch 64.
-    (jax.checkpoint with a names policy did the same on paper but XLA's schedule then used more memory.)"""
+    the GELU-gradient loop): one (tokens, 4·D) array less per block, ~0.6 GiB of the MAE step at batch 64.
+    (jax.checkpoint with a names policy does the same on paper, but on XLA:CPU its recomputation is hoisted
+    back into the forward pass; see `_after`.)"""
     return _gelu(h) @ kernel + bias
 
 
@@ -161,6 +181,7 @@ def _gelu_dense_fwd(h, kernel, bias):
 
 def _gelu_dense_bwd(res, g):
     h, kernel = res
+    h = h + _after(g, h.dtype)
     shape = h.shape
     h, g = h.reshape(-1, shape[-1]), g.reshape(-1, g.shape[-1])  # 2-D dots: XLA:CPU's fast matmul path
     dkernel = _gelu(h).T @ g
@@ -173,6 +194,61 @@ def _gelu_dense_bwd(res, g):
 
 
 _gelu_dense.defvjp(_gelu_dense_fwd, _gelu_dense_bwd)
+
+
+def _ln_stats(x32):
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    rstd = jax.lax.rsqrt(jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True) + LN_EPS)
+    return mean, rstd
+
+
+@jax.custom_vjp
+def _norm_dense(x, scale, shift, kernel, bias):
+    """LayerNorm(x)·kernel + bias (LayerNorm with eps `LN_EPS`, statistics in float32), keeping only x and the
+    per-token mean and 1/std for the backward pass, which recomputes the normalised x. Autodiff of
+    LayerNorm → Dense kept the normalised tokens, the LayerNorm output and several broadcast (tokens, D)
+    products per LayerNorm: with this, ~1 GiB less for the MAE step at batch 64."""
+    return _norm_dense_fwd(x, scale, shift, kernel, bias)[0]
+
+
+def _norm_dense_fwd(x, scale, shift, kernel, bias):
+    x32 = x.astype(jnp.float32)
+    mean, rstd = _ln_stats(x32)
+    y = ((x32 - mean) * rstd * scale + shift).astype(x.dtype)
+    return y @ kernel + bias, (x, mean, rstd, scale, shift, kernel)
+
+
+def _norm_dense_bwd(res, g):
+    x, mean, rstd, scale, shift, kernel = res
+    x = x + _after(g, x.dtype)
+    shape = x.shape
+    x32, g = x.astype(jnp.float32).reshape(-1, shape[-1]), g.reshape(-1, g.shape[-1])
+    mean, rstd = mean.reshape(-1, 1), rstd.reshape(-1, 1)
+    xhat = (x32 - mean) * rstd
+    y = (xhat * scale + shift).astype(x.dtype)
+    dkernel = y.T @ g
+    dbias = jnp.sum(g, axis=0)
+    dy = (g @ kernel.T).astype(jnp.float32)
+    dscale = jnp.sum(dy * xhat, axis=0)
+    dshift = jnp.sum(dy, axis=0)
+    dxhat = dy * scale
+    dx = rstd * (dxhat - jnp.mean(dxhat, axis=-1, keepdims=True)
+                 - xhat * jnp.mean(dxhat * xhat, axis=-1, keepdims=True))
+    return (dx.astype(x.dtype).reshape(shape), dscale.astype(scale.dtype), dshift.astype(shift.dtype),
+            dkernel.astype(kernel.dtype), dbias.astype(kernel.dtype))
+
+
+_norm_dense.defvjp(_norm_dense_fwd, _norm_dense_bwd)
+
+
+class _LayerNormParams(nn.Module):
+    """The parameters of an `nn.LayerNorm` (names `scale`, `bias`; ones and zeros), unapplied."""
+    features: int
+
+    @nn.compact
+    def __call__(self):
+        return (self.param('scale', nn.initializers.ones_init(), (self.features,)),
+                self.param('bias', nn.initializers.zeros_init(), (self.features,)))
 
 
 class _DenseParams(nn.Module):
@@ -191,9 +267,11 @@ class Mlp(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, norm):
+        """x: the tokens before the LayerNorm whose (scale, bias) is `norm` (fused with fc1)."""
         d = x.shape[-1]
-        x = nn.Dense(self.hidden, dtype=self.dtype, kernel_init=xavier, name='fc1')(x)
+        kernel, bias = _DenseParams(d, self.hidden, name='fc1')()
+        x = _norm_dense(x, *norm, kernel.astype(self.dtype), bias.astype(self.dtype))
         kernel, bias = _DenseParams(self.hidden, d, name='fc2')()
         return _gelu_dense(x, kernel.astype(self.dtype), bias.astype(self.dtype))
 
@@ -208,10 +286,9 @@ class Block(nn.Module):
     def __call__(self, x, key_mask=None, return_cls_logits=False):
         d = x.shape[-1]
         h, cls_logits = Attention(self.num_heads, self.dtype, name='attn')(
-            nn.LayerNorm(LN_EPS, dtype=self.dtype, name='norm1')(x), key_mask, return_cls_logits)
+            x, _LayerNormParams(d, name='norm1')(), key_mask, return_cls_logits)
         x = x + h
-        x = x + Mlp(int(d * self.mlp_ratio), self.dtype, name='mlp')(
-            nn.LayerNorm(LN_EPS, dtype=self.dtype, name='norm2')(x))
+        x = x + Mlp(int(d * self.mlp_ratio), self.dtype, name='mlp')(x, _LayerNormParams(d, name='norm2')())
         return x, cls_logits
 
 
