@@ -121,3 +121,18 @@ def test_preview_writes_png(tmp_path):
     assert im.size == (2 * 272 + 2, 272)
     # the MAFL colours are drawn: the pure left-eye red must appear
     assert (np.asarray(im.convert("RGB")) == preview.MAFL_COLOURS[0]).all(-1).any()
+
+
+def test_plain_variant_same_faces_without_background_clutter():
+    from sce_mae_jax.data.sources import get_source
+
+    clutter, plain = get_source('synthetic', 'pretrain'), get_source('synthetic_plain', 'pretrain')
+    assert 'clutter=False' in repr(plain)
+
+    def corner_roughness(src):  # mean |horizontal step| in the top-left 24x24 corner, background there
+        return np.mean([np.abs(np.diff(src[i]['image'][:24, :24].astype(np.float32), axis=1)).mean()
+                        for i in range(24)])
+
+    for i in range(5):
+        np.testing.assert_array_equal(clutter[i]['landmarks68'], plain[i]['landmarks68'])
+    assert corner_roughness(plain) < 0.7 * corner_roughness(clutter)

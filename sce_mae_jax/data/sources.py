@@ -34,11 +34,12 @@ DATASETS = {
     '300w': ('w300', 'SceW300', None, ('train', 'test')),
 }
 SYNTHETIC = 'synthetic'
+SYNTHETIC_PLAIN = 'synthetic_plain'  # the same faces on smooth backgrounds, without the clutter shapes
 
 
 def _check_name(name: str) -> tuple:
     if name not in DATASETS:
-        raise ValueError(f'unknown dataset {name!r}; expected one of {[SYNTHETIC, *DATASETS]}')
+        raise ValueError(f'unknown dataset {name!r}; expected one of {[SYNTHETIC, SYNTHETIC_PLAIN, *DATASETS]}')
     return DATASETS[name]
 
 
@@ -142,7 +143,7 @@ def get_source(name: str, split: str, *, manual_dir: str | os.PathLike | None = 
     """A random-access source for ``name``/``split``.
 
     Args:
-        name: ``synthetic``, ``celeba`` (split ``pretrain``), ``mafl``, ``aflw_m``, ``aflw_r``, ``aflw_rc`` or
+        name: ``synthetic``, ``synthetic_plain`` (no background clutter), ``celeba`` (split ``pretrain``), ``mafl``, ``aflw_m``, ``aflw_r``, ``aflw_rc`` or
             ``300w`` (splits ``train``, ``test``).
         split: see above.
         manual_dir: raw files, needed only the first time (preparation).
@@ -152,9 +153,9 @@ def get_source(name: str, split: str, *, manual_dir: str | os.PathLike | None = 
         An object with ``__len__``, ``__getitem__`` -> ``{'image': uint8 (136, 136, 3), 'landmarks': float32
         (L, 2), 'index': int64}``, ``num_landmarks`` and ``iod_indices``.
     """
-    if name == SYNTHETIC:
+    if name in (SYNTHETIC, SYNTHETIC_PLAIN):
         from sce_mae_jax.data import synthetic  # written separately; imported only when asked for
-        source = synthetic.SyntheticFaces(split, seed=seed)
+        source = synthetic.SyntheticFaces(split, seed=seed, clutter=name == SYNTHETIC)
         # Same attributes as the real sets; its 'landmarks' are the 5 MAFL-order points.
         for attr, default in (('num_landmarks', 5), ('iod_indices', (0, 1))):
             if not hasattr(source, attr):

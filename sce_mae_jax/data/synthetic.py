@@ -210,7 +210,7 @@ def _thick_polyline(p: np.ndarray, t0: np.ndarray, t1: np.ndarray) -> np.ndarray
     return np.concatenate([p + nrm * t0[:, None], (p - nrm * t1[:, None])[::-1]])
 
 
-def _background(r: np.random.Generator) -> tuple[Image.Image, ImageDraw.ImageDraw]:
+def _background(r: np.random.Generator, clutter: bool = True) -> tuple[Image.Image, ImageDraw.ImageDraw]:
     # Colours are pulled towards grey by a random amount: photo backgrounds are rarely fully saturated.
     sat = r.uniform(0.2, 1.0)
 
@@ -224,7 +224,7 @@ def _background(r: np.random.Generator) -> tuple[Image.Image, ImageDraw.ImageDra
     # Bilinear to a quarter of the canvas then nearest: same smooth field at a fifth of the cost.
     img = Image.fromarray(field).resize((_HI // 4, _HI // 4), Image.BILINEAR).resize((_HI, _HI), Image.NEAREST)
     d = ImageDraw.Draw(img)
-    for _ in range(int(r.integers(5, 14))):
+    for _ in range(int(r.integers(5, 14)) if clutter else 0):
         kind = r.integers(4)
         col = _col(colour(r.uniform(0, 255, 3)))
         c = r.uniform(-10, _HI + 10, 2)
@@ -242,7 +242,7 @@ def _background(r: np.random.Generator) -> tuple[Image.Image, ImageDraw.ImageDra
     return img, d
 
 
-def _render(ident: dict[str, Any], r: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def _render(ident: dict[str, Any], r: np.random.Generator, clutter: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """Draws one image. -> (uint8 (136, 136, 3), float32 (68, 2) landmarks)."""
     sp = ident["sp"]
     P = ident["shape"].copy()
@@ -289,7 +289,7 @@ def _render(ident: dict[str, Any], r: np.random.Generator) -> tuple[np.ndarray, 
     centre = centre[0]
     fw = math.cos(yaw)  # foreshortening of horizontal widths
 
-    img, d = _background(r)
+    img, d = _background(r, clutter)
     skin = ident["skin"] * math.exp(r.normal(0, 0.05))
     skin_c = _col(skin)
     hair_c = _col(ident["hair"])
@@ -418,12 +418,15 @@ class SyntheticFaces:
     float32 (68, 2) iBUG order (both xy in 136-px pixels), 'identity' int32, 'index' int64.
     """
 
-    def __init__(self, split: str, seed: int = 0, num_examples: int | None = None):
+    def __init__(self, split: str, seed: int = 0, num_examples: int | None = None, clutter: bool = True):
+        """clutter=False (dataset name ``synthetic_plain``): the smooth background field only, without the
+        random shapes drawn over it; faces, poses and landmarks are the same as with clutter."""
         if split not in SPLITS:
             raise ValueError(f"unknown synthetic split {split!r}; expected one of {SPLITS}")
         self.split = split
         self.seed = int(seed)
         self.num_examples = int(DEFAULT_SIZES[split] if num_examples is None else num_examples)
+        self.clutter = bool(clutter)
         if not 0 <= self.num_examples <= _IMAGES_PER_ID[split] * 100_000_000:
             raise ValueError(f"num_examples out of range: {self.num_examples}")
 
@@ -431,7 +434,8 @@ class SyntheticFaces:
         return self.num_examples
 
     def __repr__(self) -> str:
-        return f"SyntheticFaces(split={self.split!r}, seed={self.seed}, num_examples={self.num_examples})"
+        plain = "" if self.clutter else ", clutter=False"
+        return f"SyntheticFaces(split={self.split!r}, seed={self.seed}, num_examples={self.num_examples}{plain})"
 
     def identity_of(self, index: int) -> int:
         return _ID_BASE[self.split] + index // _IMAGES_PER_ID[self.split]
@@ -445,7 +449,7 @@ class SyntheticFaces:
         identity = self.identity_of(index)
         ident = _identity_params(self.seed, identity)
         r = np.random.default_rng([self.seed, 11, _SPLIT_ID[self.split], index])
-        image, lm68 = _render(ident, r)
+        image, lm68 = _render(ident, r, self.clutter)
         return {
             "image": image,
             "landmarks": mafl_from_68(lm68).astype(np.float32),
