@@ -310,11 +310,13 @@ def test_synthetic_dispatch_is_lazy(monkeypatch):
     import sce_mae_jax.data as data_pkg
 
     fake = types.ModuleType('sce_mae_jax.data.synthetic')
-    fake.SyntheticFaces = lambda split, seed=0: types.SimpleNamespace(split=split, seed=seed)
+    fake.SyntheticFaces = lambda split, seed=0, clutter=True: types.SimpleNamespace(split=split, seed=seed,
+                                                                                   clutter=clutter)
     monkeypatch.setitem(sys.modules, 'sce_mae_jax.data.synthetic', fake)
     monkeypatch.setattr(data_pkg, 'synthetic', fake, raising=False)
     s = sources.get_source('synthetic', 'train', seed=3)
-    assert (s.split, s.seed, s.num_landmarks, s.iod_indices) == ('train', 3, 5, (0, 1))
+    assert (s.split, s.seed, s.clutter, s.num_landmarks, s.iod_indices) == ('train', 3, True, 5, (0, 1))
+    assert not sources.get_source('synthetic_plain', 'train').clutter
 
 
 # ----------------------------------------------------------------------------- errors
