@@ -81,14 +81,20 @@ def _after(g, dtype):
     something large from it. Without it XLA:CPU hoists the recomputation (it depends on forward values only)
     to right after the forward pass, or CSE merges it with the forward's identical computation, and its result
     lives until used: memory the recomputation was meant to save. (`jax.lax.optimization_barrier` does not
-    help: XLA:CPU expands it before scheduling.) XLA does not fold x·0 for floats (NaN semantics)."""
+    help: XLA:CPU expands it before scheduling.) XLA does not fold x·0 for floats (NaN semantics); a non-finite
+    g[0] turns the gradient non-finite, which it would be anyway."""
     return (g.reshape(-1)[0] * 0).astype(dtype)
 
 
-def _attention_fwd_core(q, k, v, key_mask, scale):
+def _logits(q, k, key_mask, scale):
     logits = jnp.einsum('bhqd,bhkd->bhqk', q, k, preferred_element_type=jnp.float32) * scale
     if key_mask is not None:  # the fill value of jax.nn.dot_product_attention
         logits = jnp.where(key_mask[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
+    return logits
+
+
+def _attention_fwd_core(q, k, v, key_mask, scale):
+    logits = _logits(q, k, key_mask, scale)
     lse = jax.nn.logsumexp(logits, axis=-1, keepdims=True)
     probs = jnp.exp(logits - lse).astype(v.dtype)
     return jnp.einsum('bhqk,bhkd->bqhd', probs, v), lse
@@ -114,10 +120,7 @@ def _attention_fwd(q, k, v, key_mask, scale):
 def _attention_bwd(scale, res, g):
     q, k, v, key_mask, lse = res
     k = k + _after(g, k.dtype)
-    logits = jnp.einsum('bhqd,bhkd->bhqk', q, k, preferred_element_type=jnp.float32) * scale
-    if key_mask is not None:
-        logits = jnp.where(key_mask[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
-    p32 = jnp.exp(logits - lse)  # masked keys: p = 0
+    p32 = jnp.exp(_logits(q, k, key_mask, scale) - lse)  # masked keys: p = 0
     dv = jnp.einsum('bhqk,bqhd->bhkd', p32.astype(v.dtype), g)
     dp = jnp.einsum('bqhd,bhkd->bhqk', g, v, preferred_element_type=jnp.float32)
     ds = (p32 * (dp - jnp.sum(dp * p32, axis=-1, keepdims=True)) * scale).astype(q.dtype)
