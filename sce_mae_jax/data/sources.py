@@ -143,8 +143,8 @@ def get_source(name: str, split: str, *, manual_dir: str | os.PathLike | None = 
     """A random-access source for ``name``/``split``.
 
     Args:
-        name: ``synthetic``, ``synthetic_plain`` (no background clutter), ``celeba`` (split ``pretrain``), ``mafl``, ``aflw_m``, ``aflw_r``, ``aflw_rc`` or
-            ``300w`` (splits ``train``, ``test``).
+        name: ``synthetic``, ``synthetic_plain`` (no background clutter), ``celeba`` (split ``pretrain``),
+            ``mafl``, ``aflw_m``, ``aflw_r``, ``aflw_rc`` or ``300w`` (splits ``train``, ``test``).
         split: see above.
         manual_dir: raw files, needed only the first time (preparation).
         data_dir: where the prepared array_record files live (TFDS default ``~/tensorflow_datasets``).

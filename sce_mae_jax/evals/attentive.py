@@ -64,8 +64,9 @@ def main(argv):
         params = params.get('encoder', params)
     src = get_source(f.data, f.split, manual_dir=f.manual_dir or None, data_dir=f.data_dir or None)
     crop = pipeline.eval_transform(encoder.image_size)
-    key = 'landmarks68' if 'landmarks68' in src[0] else 'landmarks'
-    examples = [crop({'image': src[i]['image'], 'landmarks': src[i][key]}) for i in range(f.num_images)]
+    items = [src[i] for i in range(f.num_images)]  # each read (or rendered) once
+    key = 'landmarks68' if 'landmarks68' in items[0] else 'landmarks'
+    examples = [crop({'image': item['image'], 'landmarks': item[key]}) for item in items]
     images = pipeline.normalize(jnp.asarray(np.stack([e['image'] for e in examples])))
     on_lm = landmark_tokens(jnp.asarray(np.stack([e['landmarks'] for e in examples])), encoder.grid,
                             encoder.patch_size)

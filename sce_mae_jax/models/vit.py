@@ -153,8 +153,7 @@ class Attention(nn.Module):
         scale = 1.0 / np.sqrt(hd)
         # Heads-leading (3, batch, heads, T, hd) layout, written out rather than `jax.nn.dot_product_attention`:
         # on XLA:CPU the batched (b, h) matmuls run about twice as fast with the head axis next to the batch
-        # axis, and autodiff of this form keeps only q, k, v and the probabilities for the backward pass (the
-        # library version kept several (b, h, T, T) intermediates per block: ~40% of the MAE step's memory).
+        # axis, and `_attention`'s backward pass keeps no (b, h, T, T) array (see there).
         qkv = qkv.reshape(b, t, 3, self.num_heads, hd).transpose(2, 0, 3, 1, 4)
         q, k, v = qkv[0], qkv[1], qkv[2]
         out = _attention(q, k, v, key_mask, scale)
@@ -175,7 +174,7 @@ def _gelu_dense(h, kernel, bias):
     the GELU-gradient loop): one (tokens, 4·D) array less per block, ~0.6 GiB of the MAE step at batch 64.
     (jax.checkpoint with a names policy does the same on paper, but on XLA:CPU its recomputation is hoisted
     back into the forward pass; see `_after`.)"""
-    return _gelu(h) @ kernel + bias
+    return _gelu_dense_fwd(h, kernel, bias)[0]
 
 
 def _gelu_dense_fwd(h, kernel, bias):
@@ -199,12 +198,6 @@ def _gelu_dense_bwd(res, g):
 _gelu_dense.defvjp(_gelu_dense_fwd, _gelu_dense_bwd)
 
 
-def _ln_stats(x32):
-    mean = jnp.mean(x32, axis=-1, keepdims=True)
-    rstd = jax.lax.rsqrt(jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True) + LN_EPS)
-    return mean, rstd
-
-
 @jax.custom_vjp
 def _norm_dense(x, scale, shift, kernel, bias):
     """LayerNorm(x)·kernel + bias (LayerNorm with eps `LN_EPS`, statistics in float32), keeping only x and the
@@ -216,7 +209,8 @@ def _norm_dense(x, scale, shift, kernel, bias):
 
 def _norm_dense_fwd(x, scale, shift, kernel, bias):
     x32 = x.astype(jnp.float32)
-    mean, rstd = _ln_stats(x32)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    rstd = jax.lax.rsqrt(jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True) + LN_EPS)
     y = ((x32 - mean) * rstd * scale + shift).astype(x.dtype)
     return y @ kernel + bias, (x, mean, rstd, scale, shift, kernel)
 
