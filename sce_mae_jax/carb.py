@@ -284,11 +284,14 @@ def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
     return x / jnp.maximum(norm, eps)
 
 
+LOCALITIES = ('log', 'sqrt', 'linear', 'none')
+
+
 def locality_weights(positions: jax.Array, locality: str = 'log') -> jax.Array:
     """f_loc of eq. 5 between every pair of tokens, (..., N, N) float32 from (..., N, 2) positions.
 
-    'log': log(||pos_i − pos_j|| + 1) (eq. 5); 'linear': ||pos_i − pos_j|| (CL's correspondence loss);
-    'none': 1 off the diagonal, 0 on it (no locality term).
+    'log': log(||pos_i − pos_j|| + 1) (eq. 5); 'sqrt': ||pos_i − pos_j||^0.5 (CL's correspondence loss,
+    `pow=0.5`); 'linear': ||pos_i − pos_j||; 'none': 1 off the diagonal, 0 on it (no locality term).
     """
     pos = positions.astype(jnp.float32)
     diff = pos[..., :, None, :] - pos[..., None, :, :]
@@ -297,12 +300,14 @@ def locality_weights(positions: jax.Array, locality: str = 'log') -> jax.Array:
     dist = jnp.where(sq > 0, jnp.sqrt(jnp.where(sq > 0, sq, 1.0)), 0.0)
     if locality == 'log':
         return jnp.log1p(dist)
+    if locality == 'sqrt':
+        return jnp.sqrt(dist)
     if locality == 'linear':
         return dist
     if locality == 'none':
         n = pos.shape[-2]
         return jnp.broadcast_to(1.0 - jnp.eye(n, dtype=jnp.float32), sq.shape)
-    raise ValueError(f"locality must be 'log', 'linear' or 'none', got {locality!r}")
+    raise ValueError(f"locality must be one of {LOCALITIES}, got {locality!r}")
 
 
 def lcr_loss(proj: jax.Array, selected: jax.Array, attentive: jax.Array, positions: jax.Array, *, tau: float,
@@ -323,7 +328,7 @@ def lcr_loss(proj: jax.Array, selected: jax.Array, attentive: jax.Array, positio
         positions: (N, 2) or (B, N, 2) token positions in pixels (`token_positions`).
         tau: temperature τ.
         rep: (r_att-att, r_att-inatt, r_inatt-inatt).
-        locality: 'log' (eq. 5), 'linear' or 'none'.
+        locality: one of `LOCALITIES` ('log' is eq. 5).
     Returns:
         loss: scalar float32.
         aux: dict with 'loss_per_image' (B,), 'num_selected' (B,) float32 |T|, and 'p_self' (B,) the mean over

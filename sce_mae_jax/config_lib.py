@@ -68,7 +68,7 @@ def mae(size: str, arg: str | None) -> ml_collections.ConfigDict:
 ABLATIONS = {
     'none': {},
     'no_clustering': {'carb.clustering': False},                       # full correspondence over all N tokens
-    'no_lcr': {'lcr.locality': 'linear', 'lcr.rep': (1.0, 1.0, 1.0)},  # CL's plain correspondence loss
+    'no_lcr': {'lcr.locality': 'sqrt', 'lcr.rep': (1.0, 1.0, 1.0)},    # CL's loss: ||pos_i − pos_j||^0.5, λ = 1
     'no_locality': {'lcr.locality': 'none'},                           # repellence without f_loc
     'no_att_att': {'lcr.rep': (0.0, 5.0, 2.0)},                        # Table S6 rows
     'no_att_inatt': {'lcr.rep': (5.0, 0.0, 2.0)},
@@ -99,7 +99,8 @@ def carb(size: str, arg: str | None, *, dim: int, eta: float) -> ml_collections.
     c.b1, c.b2 = 0.5, 0.999
     c.weight_decay = 5e-4
     c.model = dict(**DEIT[SIZES[size]], mlp_ratio=4.0, patch_size=8, image_size=96, dtype='float32')
-    c.projector = dict(out_dim=a.dim, hidden=(), kernel_size=1)
+    # CL's projector (method.md §2.5, corrected): 1x1 conv, then softmax ×7 over the positions of each channel.
+    c.projector = dict(out_dim=a.dim, hidden=(), kernel_size=1, activation='softmax', softmax_scale=7.0)
     c.carb = dict(
         objective='lcr',     # 'lcr' (SCE-MAE) or 'lead' (LEAD's correspondence-distribution matching)
         eta=eta,             # attentive rate η (eq. 1)
@@ -116,4 +117,87 @@ def carb(size: str, arg: str | None, *, dim: int, eta: float) -> ml_collections.
     for key, value in ABLATIONS[a.ablation].items():
         group, field = key.split('.')
         c[group][field] = value
+    return c
+
+
+# ---------------------------------------------------------------------------------------------- evaluation
+def eval_fields(c: ml_collections.ConfigDict) -> None:
+    """What every evaluation job reads: the workdirs whose rows it reports (evals/rows.py)."""
+    c.stage1 = ''            # stage-1 workdir: the `mae` row, and the architecture of `random_init`
+    c.stage2 = ''            # stage-2 workdir trained on stage1: the `sce_mae` row
+    c.random_init_carb = ''  # stage-2 workdir trained with init_from=random_init: the control row
+    c.extra = ''             # further stage-2 workdirs as rows: 'no_lcr=DIR,lead=DIR2'
+    c.rows = ('random_init', 'pixels', 'mae', 'sce_mae', 'random_init_carb')
+    c.seed = 0               # random_init's initialisation
+    c.batch_size = 32        # global; a multiple of the device count
+    c.features = dict(stride=4, block=-1)  # cover-and-stride stride (divides the patch); block −1 = final tokens
+
+
+def eval_matching(arg: str | None) -> ml_collections.ConfigDict:
+    """Landmark matching (paper Table 1, method.md §4): mean pixel error in the 70-px frame on stored pairs."""
+    a = parse_arg(arg, data='synthetic')
+    c = ml_collections.ConfigDict()
+    c.job = 'eval_matching'
+    data_fields(c, a.data)
+    c.split = 'match' if a.data.startswith('synthetic') else 'test'
+    eval_fields(c)
+    c.num_images = 1000      # the first N images, two at a time: N/2 same- and N/2 different-identity pairs
+    c.pairs_seed = 0
+    c.pairs_file = ''        # an .npz in data/pairs.py's layout (made elsewhere): used instead of generating
+    c.pairs_cache = ''       # where generated pairs are stored ('' = ~/.cache/sce_mae_jax/pairs)
+    c.figures = dict(pairs=4, tsne_images=200, tsne_runs=3)
+    return c
+
+
+def _regressor_fields(c: ml_collections.ConfigDict) -> None:
+    """What detection and limited annotations share (method.md §4; evals/detection.py)."""
+    c.features.stride = 2    # cover-and-stride 2 → a 48x48 map for the regressor (method.md §3 decision)
+    # Conv block (our choice; the paper says "a convolution block"): per hidden width a k x k conv + ReLU, then
+    # a 1x1 conv to L·50 heatmaps, soft-argmax (softmax × 100), per-landmark linear 100 → 2 without bias.
+    c.regressor = dict(heatmaps_per_landmark=50, hidden=(256,), kernel_size=3, temperature=100.0)
+    c.loss_scale = 10.0      # smooth-L1 (β = 1) on 10× normalised coordinates
+    c.b1, c.b2 = 0.9, 0.999  # Adam; weight decay is L2 added to the gradient (PyTorch Adam's weight_decay)
+    c.weight_decay = 5e-4
+    c.total_steps = config_dict.placeholder(int)  # when set, every regressor trains this many steps
+    c.num_train_images = 0   # the first N training images only (0 = the whole split): quick runs
+    c.num_test_images = 0    # the first N test images only (0 = the whole split): quick runs
+    c.only = ''              # comma-separated sets to run (e.g. 'synthetic_5'); '' = all of the data's sets
+    # TPS augmentation (used when augment='tps'): one warp per example at 136 px, then the centre crop
+    c.tps = dict(noise_all=5e-4, noise_half=0.0, translation=0.02, scale=0.02, rotation_deg=2.0)
+    c.figures = dict(faces=6)  # test faces per row in figures/detection_<set>.png (0 = no figure)
+    c.log_every = 100
+    c.checkpoint_every = 1000
+    c.keep_checkpoints = 1
+
+
+def eval_detection(arg: str | None) -> ml_collections.ConfigDict:
+    """Landmark detection (paper Table 2, method.md §4): a regressor on frozen features, error in % of IOD."""
+    a = parse_arg(arg, data='synthetic')
+    c = ml_collections.ConfigDict()
+    c.job = 'eval_detection'
+    data_fields(c, a.data)
+    eval_fields(c)
+    _regressor_fields(c)
+    c.lr = 1e-3              # Adam, cosine to 0 (method.md §4 decision)
+    c.batch_size = 32
+    # Regressor epochs per dataset (the paper gives none; our choice). '300w' is spelled w300 (a field name).
+    c.epochs = dict(synthetic=20, mafl=50, aflw_m=50, aflw_r=50, w300=100)
+    c.augment = 'none'       # 'none' or 'tps' (the limited-annotation warp, `tps`)
+    return c
+
+
+def eval_limited(arg: str | None) -> ml_collections.ConfigDict:
+    """Limited annotations (paper Table 3, method.md §4): N annotated AFLW_M images, mean ± std over seeds."""
+    a = parse_arg(arg, data='aflw_m')
+    c = ml_collections.ConfigDict()
+    c.job = 'eval_limited'
+    data_fields(c, a.data)
+    eval_fields(c)
+    _regressor_fields(c)
+    c.lr = 1e-2
+    c.batch_size = 32
+    c.augment = 'tps'        # a single random TPS warp per example (method.md §4)
+    # one draw of N images per seed; an epoch = the N images repeated to epoch_size (0 = the train split's size)
+    c.limited = dict(sizes=(1, 5, 10, 20, 50, 100), seeds=(0, 1, 2), epochs=50, epoch_size=0)
+    c.figures.faces = 0
     return c

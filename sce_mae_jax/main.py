@@ -1,6 +1,7 @@
 """Entry point for every job: `python -m sce_mae_jax.main --config=configs/X.py[:arg] --workdir=DIR`.
 
-The config's `job` field picks the trainer (`pretrain`: stage 1, `carb`: stage 2, `pipeline`: both in turn). Any field can be changed
+The config's `job` field picks the trainer or evaluator (`pretrain`: stage 1, `carb`: stage 2, `eval_matching`,
+`eval_detection`, `eval_limited`: the evaluations, `pipeline`: the quick start's chain). Any field can be changed
 with `--config.a.b=value`; unknown fields are rejected. On a multi-host TPU pod pass `--distributed`; to run
 several processes by hand (or in tests) pass the coordinator address, process count and id.
 """
@@ -20,8 +21,10 @@ flags.DEFINE_string('coordinator_address', None, 'host:port of process 0, for a 
 flags.DEFINE_integer('num_processes', 1, 'With --coordinator_address: number of processes.')
 flags.DEFINE_integer('process_id', 0, 'With --coordinator_address: this process.')
 
-JOBS = {'pretrain': 'sce_mae_jax.train.pretrain', 'carb': 'sce_mae_jax.train.carb',
-        'pipeline': 'sce_mae_jax.train.pipeline'}
+# job → 'module:function', called as function(config, workdir)
+JOBS = {'pretrain': 'sce_mae_jax.train.pretrain:train', 'carb': 'sce_mae_jax.train.carb:train',
+        'pipeline': 'sce_mae_jax.train.pipeline:train', 'eval_matching': 'sce_mae_jax.evals.matching:run',
+        'eval_detection': 'sce_mae_jax.evals.detection:run', 'eval_limited': 'sce_mae_jax.evals.detection:run_limited'}
 
 
 def user_errors() -> tuple[type, ...]:
@@ -59,7 +62,8 @@ def main(argv):
     logging.info('job %s on %d devices, %d processes; config:\n%s', job, jax.device_count(), jax.process_count(),
                  config)
     try:
-        importlib.import_module(JOBS[job]).train(config, FLAGS.workdir)
+        module, function = JOBS[job].split(':')
+        getattr(importlib.import_module(module), function)(config, FLAGS.workdir)
     except user_errors() as e:
         logging.error('%s', e)
         sys.exit(f'error: {e}')

@@ -92,7 +92,8 @@ def ref_lcr(proj, selected, attentive, positions, tau, rep=(5.0, 5.0, 2.0), loca
             p /= p.sum()
             for pj, j in zip(p, ts):
                 dist = np.linalg.norm(pos[i] - pos[j])
-                f = {'log': np.log(dist + 1), 'linear': dist, 'none': float(i != j)}[locality]
+                f = {'log': np.log(dist + 1), 'sqrt': dist ** 0.5, 'linear': dist,
+                     'none': float(i != j)}[locality]
                 ai, aj = attentive[bi, i], attentive[bi, j]
                 lam = rep[0] if (ai and aj) else rep[2] if (not ai and not aj) else rep[1]
                 total += f * lam * pj
@@ -358,7 +359,7 @@ def lcr_inputs(seed, b=2, gh=12, gw=12, d=16, eta=0.1, k_c=4):
 
 
 @pytest.mark.parametrize('seed', [0, 1, 2])
-@pytest.mark.parametrize('locality', ['log', 'linear', 'none'])
+@pytest.mark.parametrize('locality', ['log', 'sqrt', 'linear', 'none'])
 def test_lcr_loss_matches_reference(seed, locality):
     proj, sel, att, pos = lcr_inputs(seed)
     loss, aux = jit_lcr(1 / 7, locality=locality)(jnp.asarray(proj), jnp.asarray(sel), jnp.asarray(att),

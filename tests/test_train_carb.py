@@ -40,6 +40,10 @@ def stage1(tmp_path_factory):
 
 def test_trains_from_stage1_and_backbone_stays_frozen(stage1, tmp_path):
     config = _config(init_from=str(stage1), batch_size=8, total_steps=40, log_every=1, figure_every=40)
+    # The trainer's machinery is under test here, so the projector whose loss falls within 40 steps on a 5-step
+    # backbone: with the default spatial-softmax projector the loss falls too, but more slowly and noisily
+    # (1.94 → 1.3–1.7 over 300 steps on this backbone), which docs/results.md reports.
+    config.projector.activation = 'linear'
     out = carb_train.train(config, str(tmp_path))
     loss = losses(tmp_path)
     assert np.mean([loss[s] for s in range(36, 41)]) < 0.9 * np.mean([loss[s] for s in range(1, 6)])

@@ -127,6 +127,40 @@ def train_iterator(source, *, global_batch: int, seed: int, transform: Callable,
     return iter(it_ds)
 
 
+class _Padded:
+    """`source` extended to `total` examples by repeating example 0 with `_mask` False, so every global batch of
+    an evaluation is full and each real example counts exactly once."""
+
+    def __init__(self, source, total: int, transform: Callable | None):
+        self.source, self.total, self.transform = source, total, transform
+
+    def __len__(self):
+        return self.total
+
+    def __getitem__(self, k):
+        real = k < len(self.source)
+        item = self.source[k if real else 0]
+        item = dict(self.transform(item) if self.transform is not None else item)
+        item['_mask'] = np.bool_(real)
+        return item
+
+
+def eval_iterator(source, *, global_batch: int, transform: Callable | None = None, num_threads: int = 8):
+    """One pass over `source` in order: this process's slice of each global batch, the last batch padded
+    (`_mask` False on padding). Returns (iterator, number of global batches). Every process gets the same
+    number of batches, so collectives in the evaluation step line up."""
+    pc, pi = jax.process_count(), jax.process_index()
+    if global_batch % pc:
+        raise ValueError(f'batch_size={global_batch} must be divisible by the number of processes ({pc})')
+    num_batches = -(-len(source) // global_batch)
+    local_batch = global_batch // pc
+    ds = grain.MapDataset.source(_Padded(source, num_batches * global_batch, transform))
+    ds = grain.MapDataset.source(_ProcessSlice(ds, global_batch, local_batch, pi * local_batch))
+    ds = ds.batch(local_batch, drop_remainder=True)
+    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=2 * num_threads))
+    return iter(it), num_batches
+
+
 class ArraySource:
     """In-memory random-access source over a dict of equally long arrays (tests, imported pairs)."""
 

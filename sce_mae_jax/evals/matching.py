@@ -11,9 +11,15 @@ Coordinates are (x, y) with pixel (row r, col c) centred at (x=c, y=r).
 
 from __future__ import annotations
 
+import functools
+import json
+import os
+import time
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 
 
 def _l2_normalise(x: jax.Array, axis: int = -1, eps: float = 1e-8) -> jax.Array:
@@ -87,3 +93,133 @@ def evaluate_pairs(pairs: dict[str, np.ndarray], features_fn, batch_size: int = 
         if (kind == k).any():
             out[name] = float(e[kind == k].mean())
     return out
+
+
+# ---------------------------------------------------------------------------------------------- the job
+# python -m sce_mae_jax.main --config=configs/eval_matching.py --config.stage1=DIR --config.stage2=DIR --workdir=W
+
+PAIR_KEYS = ("src_images", "tgt_images", "src_landmarks", "tgt_landmarks", "kind")
+
+
+def program_key(row) -> tuple:
+    """Rows with equal keys run the same program (only parameters differ), so they share compilations."""
+    return (row.kind, repr(row.projector))
+
+
+def features_fn_for(row, encoder, fc, size: int):
+    """The row's descriptor map, uint8 (B, H, W, 3) → (B, size, size, C): a pure function of
+    (backbone, projector params, images)."""
+    if row.kind == "pixels":
+        return lambda backbone, proj, images: raw_pixel_features(images)
+    return functools.partial(_dense, encoder=encoder, projector=row.projector, stride=fc.stride, block=fc.block,
+                             size=size)
+
+
+def _dense(backbone, proj, images, **kw):
+    from sce_mae_jax.evals import features
+    return features.dense_features(backbone, proj, images, **kw)
+
+
+def matching_sums(backbone, proj, batch, *, features_fn) -> dict[str, jax.Array]:
+    """Sums of per-pair mean errors (70-px frame) and pair counts, by kind, over a global batch of pairs;
+    padding (`_mask` False) counts for nothing. Summing over the `data`-sharded batch is the cross-device
+    reduction: no per-pair value leaves the devices."""
+    src = features_fn(backbone, proj, batch["src_images"])
+    tgt = features_fn(backbone, proj, batch["tgt_images"])
+    err = pixel_errors(match_points(src, tgt, batch["src_landmarks"]), batch["tgt_landmarks"]).mean(-1)
+    out = {}
+    for name, k in (("same", 0), ("diff", 1)):
+        w = (batch["_mask"] & (batch["kind"] == k)).astype(jnp.float32)
+        out[f"{name}_sum"], out[f"{name}_n"] = jnp.sum(err * w), jnp.sum(w)
+    return out
+
+
+def load_or_make_pairs(config) -> tuple[dict[str, np.ndarray], str]:
+    """(pairs, where they came from): the imported file, or the cached pairs of (data, split, N, seed)."""
+    from sce_mae_jax.data import pairs as pairs_lib
+    from sce_mae_jax.data.sources import get_source
+    from sce_mae_jax.train.common import ConfigError
+
+    if config.pairs_file:
+        if not os.path.exists(config.pairs_file):
+            raise ConfigError(f"pairs_file={config.pairs_file} does not exist; give an .npz in the layout "
+                              f"{pairs_lib.LAYOUT}")
+        try:
+            return pairs_lib.load_pairs(config.pairs_file), config.pairs_file
+        except ValueError as e:
+            raise ConfigError(f"{e}; convert it with sce_mae_jax.data.pairs.import_pairs") from None
+    cache_dir = config.pairs_cache or os.path.join(os.path.expanduser("~"), ".cache", "sce_mae_jax", "pairs")
+    path = os.path.join(cache_dir, f"{config.data}_{config.split}_{config.num_images}_seed{config.pairs_seed}"
+                                   f"_data{config.data_seed}.npz")
+    if not os.path.exists(path):
+        logging.info("matching: generating %d pairs from %s/%s into %s (once)", config.num_images, config.data,
+                     config.split, path)
+    source = get_source(config.data, config.split, manual_dir=config.manual_dir or None,
+                        data_dir=config.data_dir or None, seed=config.data_seed)
+    if getattr(source, "num_landmarks", 5) != 5:
+        raise ConfigError(f"data={config.data} has {source.num_landmarks} landmarks; matching uses the 5-point "
+                          "sets (MAFL, or the synthetic faces)")
+    try:
+        pairs = pairs_lib.get_or_make_pairs(source, path, num_images=config.num_images, seed=config.pairs_seed)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return pairs, path
+
+
+def run(config, workdir: str) -> dict:
+    """The matching job: every row's same / different-identity error on the stored pairs, figures, report."""
+    from sce_mae_jax.data import pipeline
+    from sce_mae_jax.evals import features, plots, report, rows as rows_lib
+    from sce_mae_jax.train import common
+
+    encoder, rows, skipped = rows_lib.load_rows(config)
+    try:
+        features.check_stride(encoder.patch_size, config.features.stride)
+    except features.StrideError as e:
+        raise common.ConfigError(str(e)) from None
+    if not -1 <= config.features.block < encoder.depth:
+        raise common.ConfigError(f"features.block={config.features.block} must be -1 (final tokens) or a block "
+                                 f"0..{encoder.depth - 1}")
+    fp = report.fingerprint(config, rows)
+    done = report.stored(workdir, "matching", fp)
+    if done is not None:
+        logging.info("matching: results for this config and these checkpoints are in %s/results.json; not "
+                     "recomputing (delete it to rerun)", workdir)
+        return done
+    pairs, pairs_from = load_or_make_pairs(config)
+    pairs = {k: pairs[k] for k in PAIR_KEYS}
+    common.prepare_workdir(workdir, config)
+    mesh = common.make_mesh()
+    common.check_batch_size(config.batch_size)
+    repl, data_sh = common.replicated(mesh), common.data_sharded(mesh)
+    size = encoder.image_size
+    n_pairs = len(pairs["kind"])
+    table, fns, steps = {}, {}, {}
+    for row in rows:
+        key = program_key(row)
+        if key not in steps:
+            fn = features_fn_for(row, encoder, config.features, size)
+            steps[key] = fn, jax.jit(functools.partial(matching_sums, features_fn=fn),
+                                     in_shardings=(repl, repl, data_sh), out_shardings=repl)
+        fn, step = steps[key]
+        backbone, proj = common.replicate((row.backbone, row.proj_params), mesh)
+        it, num_batches = pipeline.eval_iterator(pipeline.ArraySource(**pairs), global_batch=config.batch_size)
+        totals, t0 = None, time.time()
+        for b, local in enumerate(it):
+            sums = step(backbone, proj, common.global_batch(local, data_sh))
+            totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+            if (b + 1) % max(num_batches // 4, 1) == 0 or b + 1 == num_batches:
+                jax.block_until_ready(totals)  # so the rate is the device's, not the dispatcher's
+                eta = (time.time() - t0) / (b + 1) * (num_batches - b - 1)
+                logging.info("matching %s: batch %d/%d, %.1f pairs/s, ETA %.0f s", row.name, b + 1, num_batches,
+                             (b + 1) * config.batch_size / (time.time() - t0), eta)
+        totals = jax.tree.map(float, totals)
+        table[row.name] = {k: totals[f"{k}_sum"] / totals[f"{k}_n"] for k in ("same", "diff") if totals[f"{k}_n"]}
+        fns[row.name] = (key, fn, backbone, proj)
+        logging.info("matching %s: same %.2f, diff %.2f (70-px frame)", row.name, table[row.name].get("same", -1),
+                     table[row.name].get("diff", -1))
+    figs, silhouette = plots.matching_figures(workdir, pairs, rows, fns, config.figures, mesh)
+    meta = {"fingerprint": fp, "rows": {r.name: r.source for r in rows}, "skipped_rows": skipped,
+            "pairs": n_pairs, "pairs_from": pairs_from, "data": config.data, "stride": config.features.stride,
+            "block": config.features.block, "figures": figs, "config": json.loads(config.to_json_best_effort())}
+    return report.update(workdir, {"matching": table, "silhouette": silhouette}, "matching", meta)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from sce_mae_jax.models.vit import LN_EPS, Block, ViT, patchify, sincos_init, xavier
 
@@ -113,3 +114,15 @@ def encoder_from_model_config(model_config) -> ViT:
     m = dict(model_config)
     return ViT(m['embed_dim'], m['depth'], m['num_heads'], m.get('mlp_ratio', 4.0), m['patch_size'],
                m['image_size'], DTYPES[m.get('dtype', 'float32')])
+
+
+# The value of `init_from` (stage 2) that asks for an untrained backbone: the `random_init` control.
+RANDOM_INIT = 'random_init'
+
+
+def random_encoder_params(encoder: ViT, seed: int) -> dict:
+    """Freshly initialised encoder parameters (MAE's initialisers): the `random_init` row and the backbone of
+    the `random_init_carb` control, the same for the same seed."""
+    size = encoder.image_size
+    params = jax.jit(encoder.init)(jax.random.PRNGKey(seed), jnp.zeros((1, size, size, 3)))['params']
+    return jax.tree.map(np.asarray, params)

@@ -21,8 +21,8 @@ from absl import logging
 
 from sce_mae_jax import carb, figures
 from sce_mae_jax.data import pipeline
-from sce_mae_jax.models.heads import Projector
-from sce_mae_jax.models.mae import encoder_from_model_config
+from sce_mae_jax.models.heads import PROJECTOR_ACTIVATIONS, Projector
+from sce_mae_jax.models.mae import RANDOM_INIT, encoder_from_model_config, random_encoder_params
 from sce_mae_jax.models.vit import ViT
 from sce_mae_jax.train import common, optim
 
@@ -112,8 +112,11 @@ def validate(config) -> None:
         problems.append(f"carb.mode={cc.mode!r} must be 'A' or 'B'")
     if cc.objective not in ('lcr', 'lead'):
         problems.append(f"carb.objective={cc.objective!r} must be 'lcr' or 'lead'")
-    if config.lcr.locality not in ('log', 'linear', 'none'):
-        problems.append(f"lcr.locality={config.lcr.locality!r} must be 'log', 'linear' or 'none'")
+    if config.lcr.locality not in carb.LOCALITIES:
+        problems.append(f'lcr.locality={config.lcr.locality!r} must be one of {carb.LOCALITIES}')
+    if config.projector.get('activation', 'linear') not in PROJECTOR_ACTIVATIONS:
+        problems.append(f'projector.activation={config.projector.activation!r} must be one of '
+                        f'{PROJECTOR_ACTIVATIONS}')
     if len(config.lcr.rep) != 3:
         problems.append(f'lcr.rep={config.lcr.rep} must be three numbers (att-att, att-inatt, inatt-inatt)')
     if problems:
@@ -165,15 +168,20 @@ def train_step(state, backbone, batch, *, encoder, projector, tx, schedule, conf
 
 
 # ---------------------------------------------------------------------------------------------- backbone I/O
-def load_backbone(config, workdir: str, expected) -> dict:
-    """The frozen encoder: from `workdir/backbone` on a resume, else from `init_from` (then saved there)."""
+def load_backbone(config, workdir: str, expected, encoder=None) -> dict:
+    """The frozen encoder: from `workdir/backbone` on a resume, else from `init_from` (then saved there).
+    `init_from='random_init'` freezes an untrained encoder (seed `config.seed`): the `random_init_carb` control,
+    which tells whether stage 1 matters at all."""
     saved = os.path.join(os.path.abspath(workdir), 'backbone')
     if os.path.isdir(saved):
         params = ocp.StandardCheckpointer().restore(saved)
+    elif config.init_from == RANDOM_INIT:
+        params = random_encoder_params(encoder or encoder_from_model_config(config.model), config.seed)
     else:
         if not config.init_from:
             raise common.ConfigError('stage 2 needs a stage-1 backbone: pass --config.init_from=<stage-1 workdir> '
-                                     '(or a directory written by python -m sce_mae_jax.convert)')
+                                     '(or a directory written by python -m sce_mae_jax.convert, or random_init '
+                                     'for an untrained backbone)')
         params = common.load_params(config.init_from)
         params = params.get('encoder', params)
     bad = common.shape_mismatches(params, expected)
@@ -214,7 +222,7 @@ def train(config, workdir: str) -> dict:
 
     encoder, total_steps, state, state_sh, step = state_and_step(config, mesh, len(source))
     expected = jax.eval_shape(encoder.init, jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3)))['params']
-    backbone = common.replicate(load_backbone(config, workdir, expected), mesh)
+    backbone = common.replicate(load_backbone(config, workdir, expected, encoder), mesh)
     logging.info('frozen backbone %s parameters; projector %s', f'{common.tree_size(backbone):,}',
                  f'{common.tree_size(state["params"]):,}')
 

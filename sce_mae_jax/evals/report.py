@@ -1,0 +1,178 @@
+"""`results.json` and `report.md` of an evaluation workdir.
+
+results.json:
+    {"matching":   {ROW: {"same": float, "diff": float}},            70-px mean pixel error (paper Table 1)
+     "detection":  {ROW: {DATASET: float}},                          100 × mean error / IOD (paper Table 2)
+     "limited":    {ROW: {"1": [mean, std], "5": ..., ...}},         the same, AFLW_M, N annotations (Table 3)
+     "silhouette": {ROW: [mean, std]},                               t-SNE of landmark descriptors (Fig. 5)
+     "premise":    {ROW: {BLOCK: {...}}},                            attentive-split diagnostic (evals/attentive.py)
+     "meta":       {JOB_KEY: {"command", "config", "rows", "versions", "fingerprint", "figures", ...}}}
+Several jobs may write into one workdir (the quick start does): each merges its section, and a job whose
+fingerprint (config + checkpoints) is already stored returns the stored numbers instead of recomputing.
+Only process 0 writes; files are replaced atomically.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+from typing import Any
+
+import jax
+
+RESULTS, REPORT = 'results.json', 'report.md'
+
+# The paper's numbers (method.md §6), printed under our tables for orientation; different data, different model.
+PAPER = {
+    'matching': 'DeiT-T 64-d 0.47 / 1.99; DeiT-S 128-d 0.31 / 1.69; DeiT-S 256-d 0.33 / 1.72; DeiT-B 256-d '
+                '0.27 / 1.61 (same / diff). Prior best: LEAD 0.51 / 2.60, CL 0.71 / 2.06.',
+    'detection': 'DeiT-T 2.20 / 5.89 / 5.54 / 4.86 / 4.22; DeiT-S 2.08 / 5.33 / 5.40 / 4.69 / 3.94; DeiT-B '
+                 '2.07 / 5.23 / 5.33 / 4.60 / 3.95 (MAFL / AFLW_M / AFLW_R / AFLW_RC / 300W). LEAD 2.44 / 6.05 / '
+                 '5.71 / 5.11 / 4.87.',
+    'limited': 'AFLW_M, 256-d: 17.08±1.35, 11.28±0.54, 10.30±0.09, 8.95±0.08, 8.20±0.20, 7.58±0.09 for '
+               '1 / 5 / 10 / 20 / 50 / 100 annotations.',
+}
+ROW_ORDER = ('random_init', 'pixels', 'mae', 'sce_mae', 'random_init_carb')
+
+
+def load(workdir: str) -> dict:
+    path = os.path.join(workdir, RESULTS)
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
+def _write_atomic(path: str, text: str) -> None:
+    tmp = path + '.tmp'
+    with open(tmp, 'w') as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def _merge(dst: dict, src: dict) -> dict:
+    for k, v in src.items():
+        if isinstance(v, dict) and isinstance(dst.get(k), dict):
+            _merge(dst[k], v)
+        else:
+            dst[k] = v
+    return dst
+
+
+def fingerprint(config, rows) -> str:
+    """Identifies an evaluation: its config and, per row, the checkpoint it read (path and step)."""
+    def latest(workdir):
+        d = os.path.join(workdir, 'checkpoints')
+        steps = sorted(int(n) for n in os.listdir(d) if n.isdigit()) if os.path.isdir(d) else []
+        return steps[-1] if steps else None
+    srcs = [(r.name, r.source, latest(r.source) if os.path.isdir(r.source) else None) for r in rows]
+    blob = json.dumps([config.to_json_best_effort(sort_keys=True), srcs], sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def stored(workdir: str, job_key: str, fp: str) -> dict | None:
+    """The stored results of `job_key` if its fingerprint matches, else None."""
+    results = load(workdir)
+    if results.get('meta', {}).get(job_key, {}).get('fingerprint') == fp:
+        return results
+    return None
+
+
+def versions() -> dict:
+    import flax
+    import optax
+    return {'python': sys.version.split()[0], 'jax': jax.__version__, 'flax': flax.__version__,
+            'optax': optax.__version__, 'backend': jax.default_backend(), 'devices': jax.device_count(),
+            'processes': jax.process_count()}
+
+
+def command_line() -> str:
+    argv = list(sys.argv)
+    if argv and argv[0].endswith(os.path.join('sce_mae_jax', 'main.py')):
+        argv[0] = 'python -m sce_mae_jax.main'
+    return ' '.join(argv)
+
+
+def update(workdir: str, sections: dict[str, Any], job_key: str, meta: dict) -> dict:
+    """Merges `sections` (e.g. {'matching': {ROW: {...}}}) and `meta` under `job_key`, rewrites both files."""
+    results = load(workdir)
+    _merge(results, sections)
+    results.setdefault('meta', {})[job_key] = {'command': command_line(), 'versions': versions(), **meta}
+    if jax.process_index() == 0:
+        os.makedirs(workdir, exist_ok=True)
+        _write_atomic(os.path.join(workdir, RESULTS), json.dumps(results, indent=2, sort_keys=True))
+        _write_atomic(os.path.join(workdir, REPORT), render(results))
+    return results
+
+
+def _rows(section: dict) -> list[str]:
+    return [r for r in ROW_ORDER if r in section] + sorted(r for r in section if r not in ROW_ORDER)
+
+
+def _fmt(v) -> str:
+    if isinstance(v, (list, tuple)):
+        return f'{v[0]:.2f} ± {v[1]:.2f}'
+    return '–' if v is None else f'{v:.2f}'
+
+
+def _table(section: dict, columns: list[str], header: list[str]) -> list[str]:
+    out = ['| row | ' + ' | '.join(header) + ' |', '|---|' + '---|' * len(header)]
+    for r in _rows(section):
+        out.append(f'| `{r}` | ' + ' | '.join(_fmt(section[r].get(c)) for c in columns) + ' |')
+    return out
+
+
+def render(results: dict) -> str:
+    """report.md: the paper's table layouts, our numbers, the paper's below them, figures inline."""
+    meta = results.get('meta', {})
+    lines = ['# Evaluation report', '',
+             'Numbers measured by the jobs listed at the end (commands, checkpoints, versions in results.json). '
+             'The paper\'s numbers are on real data with 400-epoch backbones: they orient, they do not compare.', '']
+    if 'matching' in results:
+        m = meta.get('matching', {})
+        lines += ['## Landmark matching (paper Table 1)', '',
+                  f'Mean pixel error in the 70-px frame (CL: error at 96 px × 69/95), {m.get("pairs", "?")} pairs '
+                  f'of `{m.get("data", "?")}` (half same identity, half different), features at stride '
+                  f'{m.get("stride", "?")} upsampled to 96 px. Lower is better.', '']
+        lines += _table(results['matching'], ['same', 'diff'], ['same identity', 'different identity'])
+        lines += ['', f'Paper: {PAPER["matching"]}', '']
+    if 'silhouette' in results:
+        lines += ['## Landmark descriptors (paper Fig. 5)', '',
+                  'Silhouette coefficient of the five landmarks\' descriptors in a 2-D t-SNE (mean ± std over '
+                  't-SNE runs; higher: landmarks form tighter, better separated clusters).', '',
+                  '| row | silhouette |', '|---|---|']
+        lines += [f'| `{r}` | {_fmt(results["silhouette"][r])} |' for r in _rows(results['silhouette'])]
+        lines += ['']
+    if 'detection' in results:
+        sets = sorted({d for v in results['detection'].values() for d in v})
+        lines += ['## Landmark detection (paper Table 2)', '',
+                  '100 × mean(‖pred − gt‖ / inter-ocular distance): eye centres for 5-point sets, outer eye '
+                  'corners (36, 45) for 68 points. Frozen features, trained regressor. Lower is better.', '']
+        lines += _table(results['detection'], sets, sets)
+        lines += ['', f'Paper: {PAPER["detection"]}', '']
+    if 'limited' in results:
+        ns = sorted({n for v in results['limited'].values() for n in v}, key=int)
+        lines += ['## Limited annotations (paper Table 3)', '',
+                  'The detection error with N annotated training images, mean ± std over seeds.', '']
+        lines += _table(results['limited'], ns, [f'{n}' for n in ns])
+        lines += ['', f'Paper: {PAPER["limited"]}', '']
+    if 'premise' in results:
+        lines += ['## Do attentive tokens cover the landmarks? (paper §3.2 premise)', '']
+        for r in _rows(results['premise']):
+            lines += [f'`{r}`: ' + '; '.join(
+                f'block {b}: {100 * v["coverage"]:.1f}% on a landmark (chance {100 * v["chance"]:.1f}%), '
+                f'recall {100 * v["recall"]:.0f}%, {100 * v["concentration"]:.0f}% on fixed cells'
+                for b, v in sorted(results['premise'][r].items(), key=lambda kv: int(kv[0]))), '']
+    figs = [(k, f) for k, v in meta.items() for f in v.get('figures', [])]
+    if figs:
+        lines += ['## Figures', '']
+        for key, (title, path) in figs:
+            lines += [f'**{title}** ({key})', '', f'![{title}]({path})', '']
+    if meta:
+        lines += ['## Jobs', '']
+        lines += [f'- `{k}`: `{v.get("command", "")}`' for k, v in sorted(meta.items())]
+        skipped = sorted({s for v in meta.values() for s in v.get('skipped_rows', [])})
+        if skipped:
+            lines += ['', 'Rows left out (no workdir given): ' + ', '.join(skipped)]
+    return '\n'.join(lines) + '\n'

@@ -1,0 +1,143 @@
+"""The rows every evaluation reports, and where each one's backbone and projector come from.
+
+    random_init       an untrained encoder of the same size (seed `config.seed`)
+    pixels            raw-pixel descriptors, no network (matching: 7x7 neighbourhoods; see matching.py)
+    mae               the stage-1 encoder alone (the paper's "Baseline")
+    sce_mae           the stage-2 workdir: its frozen backbone + the CARB projector
+    random_init_carb  the same stage 2 trained on an untrained backbone: does stage 1 matter at all?
+    NAME              any further stage-2 workdir listed in `config.extra` ('NAME=DIR,NAME2=DIR2')
+
+Every stage-2 row must sit on the stage-1 backbone of the `mae` row (checked value by value), or the comparison
+`mae` vs `sce_mae` would compare two different backbones.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import logging
+
+from sce_mae_jax.models.heads import Projector
+from sce_mae_jax.models.mae import RANDOM_INIT, encoder_from_model_config, random_encoder_params
+from sce_mae_jax.models.vit import ViT
+from sce_mae_jax.train.common import ConfigError, load_params, shape_mismatches
+
+ROWS = ('random_init', 'pixels', 'mae', 'sce_mae', 'random_init_carb')
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    name: str
+    backbone: Any = None          # encoder params; None for `pixels`
+    projector: Projector | None = None
+    proj_params: Any = None
+    source: str = ''              # the workdir (or description) it was read from, for the report's meta
+
+    @property
+    def kind(self) -> str:
+        return 'pixels' if self.backbone is None else ('projected' if self.projector is not None else 'backbone')
+
+
+def read_config(workdir: str, what: str) -> dict:
+    path = os.path.join(workdir, 'config.json')
+    if not os.path.exists(path):
+        raise ConfigError(f'{what}={workdir} is not a training workdir (no config.json); pass the --workdir a '
+                          f'training job wrote')
+    with open(path) as f:
+        return json.load(f)
+
+
+def _stage2(workdir: str, what: str, encoder: ViT) -> tuple[dict, dict, Projector, dict]:
+    """(its config, backbone params, projector module, projector params) of a stage-2 workdir."""
+    cfg = read_config(workdir, what)
+    if cfg.get('job') != 'carb' or 'projector' not in cfg:
+        raise ConfigError(f'{what}={workdir} is a {cfg.get("job")!r} workdir, not a stage-2 (carb) one; pass the '
+                          'workdir of configs/carb_deit_*.py (or the stage2/ folder of a pipeline run)')
+    saved = os.path.join(os.path.abspath(workdir), 'backbone')
+    if not os.path.isdir(saved):
+        raise ConfigError(f'{what}={workdir} has no backbone/ (stage 2 writes it before its first step); was the '
+                          'run started?')
+    backbone = ocp.StandardCheckpointer().restore(saved)
+    expected = jax.eval_shape(encoder.init, jax.random.PRNGKey(0),
+                              jnp.zeros((1, encoder.image_size, encoder.image_size, 3)))['params']
+    bad = shape_mismatches(backbone, expected)
+    if bad:
+        raise ConfigError(f'{what}={workdir}: its backbone is another architecture than the stage-1 model '
+                          f'({"; ".join(bad[:3])}); pass the stage-1 workdir it was trained on')
+    params = load_params(workdir)
+    # workdirs from before the softmax default were trained with the plain linear map
+    pc = {'activation': 'linear', **cfg['projector']}
+    projector = Projector(**{**pc, 'hidden': tuple(pc.get('hidden', ()))})
+    return cfg, jax.tree.map(np.asarray, backbone), projector, params
+
+
+def _same_tree(a, b) -> bool:
+    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+    return len(la) == len(lb) and all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(la, lb))
+
+
+def parse_extra(extra: str) -> list[tuple[str, str]]:
+    out = []
+    for item in filter(None, (extra or '').split(',')):
+        name, sep, path = item.partition('=')
+        if not sep or not name or not path:
+            raise ConfigError(f'extra={extra!r}: expected NAME=STAGE2_WORKDIR[,NAME=DIR...]')
+        if name in ROWS:
+            raise ConfigError(f'extra row name {name!r} is taken by a standard row ({", ".join(ROWS)}); rename it')
+        out.append((name, path))
+    return out
+
+
+def load_rows(config) -> tuple[ViT, list[Row], list[str]]:
+    """(encoder, rows in report order, skipped rows with why) for an evaluation config with fields `stage1`,
+    `stage2`, `random_init_carb`, `extra`, `rows` and `seed`. A row whose workdir is not given is skipped."""
+    if not config.stage1 and not config.stage2:
+        raise ConfigError('an evaluation needs a model: pass --config.stage1=<stage-1 workdir> and/or '
+                          '--config.stage2=<stage-2 workdir>')
+    unknown = [r for r in config.rows if r not in ROWS]
+    if unknown:
+        raise ConfigError(f'rows={tuple(config.rows)}: unknown row(s) {unknown}; choose from {ROWS} (further '
+                          'stage-2 workdirs go in --config.extra=NAME=DIR)')
+    base = config.stage1 or config.stage2
+    encoder = encoder_from_model_config(read_config(base, 'stage1' if config.stage1 else 'stage2')['model'])
+    mae_params = None
+    if config.stage1:
+        params = load_params(config.stage1)
+        mae_params = params.get('encoder', params)
+    stage2 = [(n, d) for n, d in (('sce_mae', config.stage2), ('random_init_carb', config.random_init_carb))
+              if n in config.rows] + parse_extra(config.extra)
+    rows, skipped = [], []
+    for name in [r for r in ROWS if r in config.rows] + [n for n, _ in parse_extra(config.extra)]:
+        if name == 'random_init':
+            rows.append(Row(name, random_encoder_params(encoder, config.seed), source=f'seed {config.seed}'))
+        elif name == 'pixels':
+            rows.append(Row(name, source='raw pixels'))
+        elif name == 'mae':
+            if mae_params is None:
+                skipped.append('mae (no --config.stage1)')
+                continue
+            rows.append(Row(name, mae_params, source=config.stage1))
+        else:
+            workdir = dict(stage2)[name]
+            if not workdir:
+                skipped.append(f'{name} (no --config.{name if name == "random_init_carb" else "stage2"})')
+                continue
+            cfg, backbone, projector, proj_params = _stage2(workdir, name, encoder)
+            if name == 'random_init_carb':
+                if cfg.get('init_from') != RANDOM_INIT:
+                    raise ConfigError(f'random_init_carb={workdir} was trained on init_from={cfg.get("init_from")!r}, '
+                                      f'not an untrained backbone; train it with --config.init_from={RANDOM_INIT}')
+            elif mae_params is not None and not _same_tree(backbone, mae_params):
+                raise ConfigError(f'{name}={workdir} was trained on another backbone than stage1={config.stage1} '
+                                  f'(its init_from: {cfg.get("init_from")!r}); pass the stage-1 workdir it was '
+                                  'trained on, or a stage-2 workdir trained on this one')
+            rows.append(Row(name, backbone, projector, proj_params, source=workdir))
+    for s in skipped:
+        logging.warning('evaluation: row %s skipped', s)
+    return encoder, rows, skipped
