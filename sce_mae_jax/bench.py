@@ -9,6 +9,8 @@
     python -m sce_mae_jax.bench --config=configs/carb_deit_s.py --mode=loss
     # bare fp32 matmul GFLOP/s at the MAE step's shapes: the ceiling any implementation has on this device
     python -m sce_mae_jax.bench --config=configs/mae_deit_s.py --config.batch_size=64 --mode=matmul
+    # evaluation features: cover-and-stride at each stride (+ upsampling to 96 px and the projector), images/s
+    python -m sce_mae_jax.bench --config=configs/carb_deit_s.py --config.batch_size=32 --mode=features
 
 The last line of `--mode=step` is `imgs_per_s=<number>`.
 """
@@ -26,7 +28,8 @@ from absl import app, flags
 from ml_collections import config_flags
 
 config_flags.DEFINE_config_file('config', None, 'A training config (configs/*.py[:arg]).', lock_config=True)
-flags.DEFINE_enum('mode', 'step', ['step', 'data', 'loss', 'matmul'], 'What to measure.')
+flags.DEFINE_enum('mode', 'step', ['step', 'data', 'loss', 'matmul', 'features'], 'What to measure.')
+flags.DEFINE_list('strides', ['8', '4', '2'], 'With --mode=features: the cover-and-stride strides to time.')
 flags.DEFINE_integer('steps', 20, 'Timed steps (after warm-up).')
 flags.DEFINE_integer('warmup', 3, 'Untimed steps after compilation.')
 flags.DEFINE_float('peak_tflops', 0.0, 'Measured peak of the device (TFLOP/s) to report model FLOP utilisation.')
@@ -189,10 +192,47 @@ def bench_matmul(config) -> None:
         print(f'({rows}x{k}) @ ({k}x{n}): {2 * rows * k * n / dt / 1e9:.0f} GFLOP/s')
 
 
+def bench_features(config) -> None:
+    """The evaluation's descriptor maps (evals/features.py) on random images, jitted over the mesh with the batch
+    on `data`: stage-1 map at each stride, then (as in matching) bilinear to the image size and the projector."""
+    from sce_mae_jax.evals import features
+    from sce_mae_jax.models.heads import Projector
+    from sce_mae_jax.models.mae import encoder_from_model_config, random_encoder_params
+    from sce_mae_jax.train import common
+
+    mesh = common.make_mesh()
+    repl, data_sh = common.replicated(mesh), common.data_sharded(mesh)
+    common.check_batch_size(config.batch_size)
+    encoder = encoder_from_model_config(config.model)
+    backbone = common.replicate(random_encoder_params(encoder, 0), mesh)
+    projector = Projector(**{**config.projector, 'hidden': tuple(config.projector.hidden)})
+    size = encoder.image_size
+    proj = common.replicate(projector.init(jax.random.PRNGKey(0), jnp.zeros((1, encoder.num_patches,
+                                                                              encoder.embed_dim)))['params'], mesh)
+    images = jax.device_put(np.random.default_rng(0).integers(0, 256, (config.batch_size, size, size, 3),
+                                                              dtype=np.uint8), data_sh)
+    print(f'features: {_machine()}, batch {config.batch_size}, dtype {config.model.get("dtype", "float32")}, '
+          f'DeiT {encoder.embed_dim}-d x {encoder.depth}, projector {projector.out_dim}-d')
+    for stride in map(int, FLAGS.strides):
+        for name, kw in (('stage 1', {}), ('stage 1 → 96 px → projector', {'projector': projector, 'size': size})):
+            fn = jax.jit(functools.partial(features.dense_features, encoder=encoder, stride=stride, **kw),
+                         in_shardings=(repl, repl, data_sh), out_shardings=data_sh)
+            fn(backbone, proj, images).block_until_ready()
+            t0 = time.perf_counter()
+            for _ in range(FLAGS.steps):
+                out = fn(backbone, proj, images)
+            out.block_until_ready()
+            dt = (time.perf_counter() - t0) / FLAGS.steps
+            print(f'stride {stride} ({(encoder.patch_size // stride) ** 2} passes), {name}: map {out.shape[1:]}, '
+                  f'{config.batch_size / dt:.1f} images/s, {_peak_memory_gib()}')
+
+
 def main(argv):
     del argv
     config = FLAGS.config
-    if FLAGS.mode == 'data':
+    if FLAGS.mode == 'features':
+        bench_features(config)
+    elif FLAGS.mode == 'data':
         bench_data(config)
     elif FLAGS.mode == 'loss':
         bench_loss(config)

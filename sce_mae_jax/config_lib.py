@@ -146,6 +146,8 @@ def eval_matching(arg: str | None) -> ml_collections.ConfigDict:
     c.pairs_file = ''        # an .npz in data/pairs.py's layout (made elsewhere): used instead of generating
     c.pairs_cache = ''       # where generated pairs are stored ('' = ~/.cache/sce_mae_jax/pairs)
     c.figures = dict(pairs=4, tsne_images=200, tsne_runs=3)
+    # the CLS-attention premise (eq. 1) on the target faces, per block, for the rows without a projector
+    c.premise = dict(images=128, eta=0.1)
     return c
 
 

@@ -2,7 +2,7 @@
 import jax.numpy as jnp
 import numpy as np
 
-from sce_mae_jax.evals.attentive import attentive_coverage, landmark_tokens, position_concentration
+from sce_mae_jax.evals.attentive import attentive_coverage, landmark_recall, landmark_tokens, position_concentration
 
 
 def test_landmark_tokens_marks_the_right_cells():
@@ -25,3 +25,9 @@ def test_position_concentration():
     for i in range(4):
         moving[i, [i, 8]] = True  # cell 8 in every image, the other one moves
     assert position_concentration(moving) == 5 / 8  # top-2 cells: 8 (4 times) and 0 (once)
+
+
+def test_landmark_recall():
+    on = np.array([[True, True, False, False], [False, True, True, False]])
+    att = np.array([[True, False, True, False], [False, True, True, False]])
+    assert landmark_recall(att, on) == 3 / 4

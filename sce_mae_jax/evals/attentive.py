@@ -43,6 +43,35 @@ def position_concentration(attentive) -> float:
     return float(attentive[:, top].sum() / attentive.sum())
 
 
+def landmark_recall(attentive, on_landmark) -> float:
+    """Share of the cells that hold a landmark which are attentive (the paper's premise: 100%)."""
+    attentive, on_landmark = np.asarray(attentive), np.asarray(on_landmark)
+    return float(attentive[on_landmark].mean())
+
+
+def premise(encoder, params, images_uint8, landmarks, eta: float, recall_landmarks=None) -> dict[str, dict]:
+    """Per block: `coverage` (attentive tokens on a landmark cell), `chance`, `recall` (landmark cells that are
+    attentive) and `concentration` (attentive tokens on the most often attentive cells) of eq. 1's split, for
+    uint8 (B, H, W, 3) images with (B, L, 2) landmarks in their frame; recall over `recall_landmarks` (the 5
+    MAFL points) when given. What the evaluation report shows for every backbone row; the CLI below prints the
+    same for a workdir."""
+    from sce_mae_jax.data import pipeline
+
+    images = pipeline.normalize(jnp.asarray(images_uint8))
+    on_lm = landmark_tokens(jnp.asarray(landmarks), encoder.grid, encoder.patch_size)
+    on_recall = on_lm if recall_landmarks is None else landmark_tokens(jnp.asarray(recall_landmarks), encoder.grid,
+                                                                        encoder.patch_size)
+    logits = jax.jit(lambda p, x: encoder.apply({'params': p}, x, capture=tuple(range(encoder.depth)))['cls_logits'])(
+        params, images)
+    out = {}
+    for block in range(encoder.depth):
+        attentive = carb.attentive_mask(logits[block], eta)
+        coverage, chance = attentive_coverage(attentive, on_lm)
+        out[str(block)] = {'coverage': coverage, 'chance': chance, 'recall': landmark_recall(attentive, on_recall),
+                           'concentration': position_concentration(attentive)}
+    return out
+
+
 def main(argv):
     del argv
     from absl import flags
@@ -67,15 +96,13 @@ def main(argv):
     items = [src[i] for i in range(f.num_images)]  # each read (or rendered) once
     key = 'landmarks68' if 'landmarks68' in items[0] else 'landmarks'
     examples = [crop({'image': item['image'], 'landmarks': item[key]}) for item in items]
-    images = pipeline.normalize(jnp.asarray(np.stack([e['image'] for e in examples])))
-    on_lm = landmark_tokens(jnp.asarray(np.stack([e['landmarks'] for e in examples])), encoder.grid,
-                            encoder.patch_size)
-    out = jax.jit(lambda p, x: encoder.apply({'params': p}, x, capture=tuple(range(encoder.depth))))(params, images)
-    for block in range(encoder.depth):
-        attentive = carb.attentive_mask(out['cls_logits'][block], f.eta)
-        share, chance = attentive_coverage(attentive, on_lm)
-        print(f'block {block}: {100 * share:.1f}% of attentive tokens hold a landmark (chance {100 * chance:.1f}%); '
-              f'{100 * position_concentration(attentive):.0f}% sit on the most often attentive cells')
+    five = [crop({'image': item['image'], 'landmarks': item['landmarks']})['landmarks'] for item in items]
+    images = np.stack([e['image'] for e in examples])
+    landmarks = np.stack([e['landmarks'] for e in examples])
+    for block, v in premise(encoder, params, images, landmarks, f.eta, np.stack(five)).items():
+        print(f'block {block}: {100 * v["coverage"]:.1f}% of attentive tokens hold a landmark (chance '
+              f'{100 * v["chance"]:.1f}%); {100 * v["recall"]:.0f}% of landmark cells attentive; '
+              f'{100 * v["concentration"]:.0f}% sit on the most often attentive cells')
 
 
 if __name__ == '__main__':

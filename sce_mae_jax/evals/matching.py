@@ -169,7 +169,7 @@ def load_or_make_pairs(config) -> tuple[dict[str, np.ndarray], str]:
 def run(config, workdir: str) -> dict:
     """The matching job: every row's same / different-identity error on the stored pairs, figures, report."""
     from sce_mae_jax.data import pipeline
-    from sce_mae_jax.evals import features, plots, report, rows as rows_lib
+    from sce_mae_jax.evals import attentive, features, plots, report, rows as rows_lib
     from sce_mae_jax.train import common
 
     encoder, rows, skipped = rows_lib.load_rows(config)
@@ -188,7 +188,7 @@ def run(config, workdir: str) -> dict:
         return done
     pairs, pairs_from = load_or_make_pairs(config)
     pairs = {k: pairs[k] for k in PAIR_KEYS}
-    common.prepare_workdir(workdir, config)
+    common.ensure_workdir(workdir)
     mesh = common.make_mesh()
     common.check_batch_size(config.batch_size)
     repl, data_sh = common.replicated(mesh), common.data_sharded(mesh)
@@ -219,7 +219,11 @@ def run(config, workdir: str) -> dict:
         logging.info("matching %s: same %.2f, diff %.2f (70-px frame)", row.name, table[row.name].get("same", -1),
                      table[row.name].get("diff", -1))
     figs, silhouette = plots.matching_figures(workdir, pairs, rows, fns, config.figures, mesh)
+    n = min(int(config.premise.images), n_pairs)
+    premise = {r.name: attentive.premise(encoder, r.backbone, pairs["tgt_images"][:n], pairs["tgt_landmarks"][:n],
+                                         config.premise.eta) for r in rows if r.kind == "backbone" and n}
     meta = {"fingerprint": fp, "rows": {r.name: r.source for r in rows}, "skipped_rows": skipped,
             "pairs": n_pairs, "pairs_from": pairs_from, "data": config.data, "stride": config.features.stride,
             "block": config.features.block, "figures": figs, "config": json.loads(config.to_json_best_effort())}
-    return report.update(workdir, {"matching": table, "silhouette": silhouette}, "matching", meta)
+    return report.update(workdir, {"matching": table, "silhouette": silhouette, "premise": premise}, "matching",
+                         meta)

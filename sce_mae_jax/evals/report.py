@@ -158,7 +158,12 @@ def render(results: dict) -> str:
         lines += _table(results['limited'], ns, [f'{n}' for n in ns])
         lines += ['', f'Paper: {PAPER["limited"]}', '']
     if 'premise' in results:
-        lines += ['## Do attentive tokens cover the landmarks? (paper §3.2 premise)', '']
+        lines += ['## Do attentive tokens cover the landmarks? (paper §3.2 premise)', '',
+                  'Eq. 1\'s split at every block on the target faces: the share of attentive tokens whose 8x8 cell '
+                  'holds one of the 5 landmarks (chance: the share of all tokens that do), recall (landmark cells '
+                  'that are attentive; the paper\'s premise is 100% at the clustering block) and the share of '
+                  'attentive tokens on the cells most often attentive over the images (100%: fixed positions, '
+                  'whatever the face).', '']
         for r in _rows(results['premise']):
             lines += [f'`{r}`: ' + '; '.join(
                 f'block {b}: {100 * v["coverage"]:.1f}% on a landmark (chance {100 * v["chance"]:.1f}%), '

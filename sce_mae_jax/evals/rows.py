@@ -20,13 +20,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 from absl import logging
 
 from sce_mae_jax.models.heads import Projector
 from sce_mae_jax.models.mae import RANDOM_INIT, encoder_from_model_config, random_encoder_params
 from sce_mae_jax.models.vit import ViT
-from sce_mae_jax.train.common import ConfigError, load_params, shape_mismatches
+from sce_mae_jax.train.common import ConfigError, load_params, restore_tree, shape_mismatches
 
 ROWS = ('random_init', 'pixels', 'mae', 'sce_mae', 'random_init_carb')
 
@@ -63,7 +62,7 @@ def _stage2(workdir: str, what: str, encoder: ViT) -> tuple[dict, dict, Projecto
     if not os.path.isdir(saved):
         raise ConfigError(f'{what}={workdir} has no backbone/ (stage 2 writes it before its first step); was the '
                           'run started?')
-    backbone = ocp.StandardCheckpointer().restore(saved)
+    backbone = restore_tree(saved)
     expected = jax.eval_shape(encoder.init, jax.random.PRNGKey(0),
                               jnp.zeros((1, encoder.image_size, encoder.image_size, 3)))['params']
     bad = shape_mismatches(backbone, expected)

@@ -174,7 +174,7 @@ def load_backbone(config, workdir: str, expected, encoder=None) -> dict:
     which tells whether stage 1 matters at all."""
     saved = os.path.join(os.path.abspath(workdir), 'backbone')
     if os.path.isdir(saved):
-        params = ocp.StandardCheckpointer().restore(saved)
+        params = common.restore_tree(saved)
     elif config.init_from == RANDOM_INIT:
         params = random_encoder_params(encoder or encoder_from_model_config(config.model), config.seed)
     else:

@@ -124,6 +124,21 @@ def abstract_like(tree, shardings):
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
+def local_target(metadata):
+    """ShapeDtypeStructs on this process's first device for a checkpoint's metadata tree, so a checkpoint
+    written by any number of processes restores in any other run (the shardings it saved name devices this
+    process may not have; restoring onto them fails with 'no addressable shards')."""
+    dev = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    return jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=dev), metadata)
+
+
+def restore_tree(path: str):
+    """A tree saved with `ocp.StandardCheckpointer` (e.g. a stage-2 `backbone/`), as NumPy arrays."""
+    ckptr = ocp.StandardCheckpointer()
+    tree = ckptr.restore(path, local_target(ckptr.metadata(path).item_metadata))
+    return jax.tree.map(np.asarray, tree)
+
+
 def load_params(path: str) -> dict:
     """Parameters from a workdir (its latest checkpoint), a `checkpoints/` dir, or one step directory.
 
@@ -143,7 +158,8 @@ def load_params(path: str) -> dict:
     if step is None:
         raise ConfigError(f'no checkpoint found under {ckpt_dir} (expected numbered step directories holding '
                           '`state/`, as written by training or by sce_mae_jax.convert)')
-    state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))['state']
+    target = local_target(mngr.item_metadata(step)['state'])
+    state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))['state']
     mngr.close()
     if 'params' not in state:
         raise ConfigError(f'checkpoint {ckpt_dir}/{step} has no `params` entry (keys: {sorted(state)})')
@@ -280,12 +296,18 @@ def train_loop(config, workdir: str, *, state, state_sharding, step_fn, data_ite
     return {'step': step, 'state': state}
 
 
-def prepare_workdir(workdir: str, config) -> None:
+def ensure_workdir(workdir: str) -> None:
     parent = os.path.dirname(os.path.abspath(workdir))
     if not os.path.isdir(parent):
         raise ConfigError(f'the parent directory of --workdir ({parent}) does not exist; create it first '
                           f'(mkdir -p {parent}) or choose another workdir')
     os.makedirs(workdir, exist_ok=True)
+
+
+def prepare_workdir(workdir: str, config) -> None:
+    """A training workdir: created, with the resolved config.json (evaluations keep theirs in results.json,
+    since several write into one workdir)."""
+    ensure_workdir(workdir)
     if jax.process_index() == 0:
         tmp = os.path.join(workdir, 'config.json.tmp')
         with open(tmp, 'w') as f:

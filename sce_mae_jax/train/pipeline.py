@@ -1,25 +1,53 @@
-"""The whole method in one job: stage 1 (MAE) into `workdir/stage1`, then stage 2 (CARB) from it into
-`workdir/stage2`. Rerunning resumes whichever stage was interrupted; a finished stage 1 is not retrained."""
+"""The whole method in one job (the quick start): stage 1 (MAE) into `workdir/stage1`, stage 2 (CARB) from it
+into `workdir/stage2`, the same stage 2 on an untrained backbone into `workdir/stage2_random_init` (the
+`random_init_carb` control), then the evaluations in `config.evals` (matching, detection) writing
+`workdir/results.json` and `workdir/report.md`. Rerunning resumes whichever part was interrupted; finished
+stages are not retrained and finished evaluations are not recomputed."""
 from __future__ import annotations
 
+import importlib
 import os
 
 from absl import logging
 
+from sce_mae_jax.models.mae import RANDOM_INIT
 from sce_mae_jax.train import carb, common, pretrain
+
+ARCH = ('embed_dim', 'depth', 'num_heads', 'mlp_ratio', 'patch_size', 'image_size')
+
+
+def _stage2(config, stage1_config, init_from: str):
+    stage2 = config.copy_and_resolve_references()
+    with stage2.unlocked():
+        stage2.init_from = init_from
+        for key in ARCH:  # stage 2 reads the backbone architecture stage 1 trained
+            stage2.model[key] = stage1_config.model[key]
+    return stage2
 
 
 def train(config, workdir: str) -> dict:
     common.prepare_workdir(workdir, config)
-    stage1_dir = os.path.join(workdir, 'stage1')
-    logging.info('pipeline: stage 1 (MAE) → %s', stage1_dir)
-    pretrain.train(config.stage1, stage1_dir)
-    stage2 = config.stage2
-    with stage2.unlocked():
-        stage2.init_from = stage2.init_from or stage1_dir
-        # stage 2 reads the backbone architecture stage 1 trained
-        for key in ('embed_dim', 'depth', 'num_heads', 'mlp_ratio', 'patch_size', 'image_size'):
-            stage2.model[key] = config.stage1.model[key]
-    stage2_dir = os.path.join(workdir, 'stage2')
-    logging.info('pipeline: stage 2 (CARB) → %s', stage2_dir)
-    return carb.train(stage2, stage2_dir)
+    dirs = {name: os.path.join(workdir, name) for name in ('stage1', 'stage2', 'stage2_random_init')}
+    logging.info('pipeline: stage 1 (MAE) → %s', dirs['stage1'])
+    pretrain.train(config.stage1, dirs['stage1'])
+    logging.info('pipeline: stage 2 (CARB) → %s', dirs['stage2'])
+    out = carb.train(_stage2(config.stage2, config.stage1, config.stage2.init_from or dirs['stage1']),
+                     dirs['stage2'])
+    evals = config.get('evals', {})
+    if not evals:
+        return out
+    control = config.get('control', True)
+    if control:
+        logging.info('pipeline: stage 2 on an untrained backbone (random_init_carb) → %s', dirs['stage2_random_init'])
+        carb.train(_stage2(config.stage2, config.stage1, RANDOM_INIT), dirs['stage2_random_init'])
+    from sce_mae_jax.main import JOBS
+    results = {}
+    for name, ev in evals.items():
+        ev = ev.copy_and_resolve_references()
+        with ev.unlocked():
+            ev.stage1, ev.stage2 = ev.stage1 or dirs['stage1'], ev.stage2 or dirs['stage2']
+            ev.random_init_carb = ev.random_init_carb or (dirs['stage2_random_init'] if control else '')
+        logging.info('pipeline: evaluation %s → %s', name, workdir)
+        module, function = JOBS[ev.job].split(':')
+        results = getattr(importlib.import_module(module), function)(ev, workdir)
+    return results

@@ -1,0 +1,124 @@
+"""The matching job end to end on tiny workdirs: results, report, figures, stored reruns, device and process
+counts, and the bad inputs a user meets."""
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import REPO, TINY_MODEL, run_main
+
+BACKBONE = TINY_MODEL[:3]
+STAGE2 = ['--config=configs/carb_deit_t.py', *BACKBONE, '--config.carb.layer=0', '--config.batch_size=8',
+          '--config.total_steps=3', '--config.figure_every=0']
+
+
+@pytest.fixture(scope='module')
+def workdirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp('eval')
+    stage1 = ['--config=configs/mae_deit_t.py', *TINY_MODEL, '--config.batch_size=8', '--config.total_steps=3',
+              '--config.figure_every=0']
+    run_main([*stage1, f'--workdir={root / "s1"}'])
+    run_main([*stage1, '--config.seed=1', f'--workdir={root / "s1_other"}'])
+    run_main([*STAGE2, f'--config.init_from={root / "s1"}', f'--workdir={root / "s2"}'])
+    run_main([*STAGE2, '--config.init_from=random_init', f'--workdir={root / "s2r"}'])
+    run_main([*STAGE2, f'--config.init_from={root / "s1_other"}', f'--workdir={root / "s2_other"}'])
+    return root
+
+
+def _args(root, workdir, *extra):
+    return ['--config=configs/eval_matching.py', f'--config.stage1={root / "s1"}', f'--config.stage2={root / "s2"}',
+            f'--config.random_init_carb={root / "s2r"}', '--config.num_images=12', '--config.batch_size=8',
+            f'--config.pairs_cache={root / "pairs"}', '--config.figures.tsne_runs=0', '--config.figures.pairs=2',
+            f'--workdir={workdir}', *extra]
+
+
+def _matching(workdir):
+    with open(os.path.join(workdir, 'results.json')) as f:
+        return json.load(f)['matching']
+
+
+def test_rows_report_figures_and_stored_rerun(workdirs, tmp_path):
+    args = _args(workdirs, tmp_path / 'ev', '--config.figures.tsne_runs=2', '--config.figures.tsne_images=12',
+                 f'--config.extra=again={workdirs / "s2"}')
+    run_main(args)
+    with open(tmp_path / 'ev' / 'results.json') as f:
+        results = json.load(f)
+    rows = ['random_init', 'pixels', 'mae', 'sce_mae', 'random_init_carb', 'again']
+    assert sorted(results['matching']) == sorted(rows)
+    for r in rows:
+        assert set(results['matching'][r]) == {'same', 'diff'}
+        assert 0 <= results['matching'][r]['same'] < 70 and 0 <= results['matching'][r]['diff'] < 70
+        m, s = results['silhouette'][r]
+        assert -1 <= m <= 1 and s >= 0
+    assert results['matching']['again'] == results['matching']['sce_mae']  # same workdir, same numbers
+    meta = results['meta']['matching']
+    assert meta['pairs'] == 12 and meta['stride'] == 4 and meta['command'].startswith('python -m sce_mae_jax.main')
+    report = (tmp_path / 'ev' / 'report.md').read_text()
+    assert '| `sce_mae` |' in report and 'Table 1' in report
+    for png in ('matches', 'similarity', 'tsne'):
+        assert (tmp_path / 'ev' / 'figures' / f'{png}.png').stat().st_size > 1000
+        assert f'figures/{png}.png' in report
+    before = (tmp_path / 'ev' / 'results.json').stat().st_mtime_ns
+    proc = run_main(args)
+    assert 'not recomputing' in proc.stderr
+    assert (tmp_path / 'ev' / 'results.json').stat().st_mtime_ns == before
+
+
+def test_pixels_match_exactly_on_same_identity_without_warp(workdirs, tmp_path):
+    """A pair whose target is its source: every row that sees the image itself finds each landmark at 0 px."""
+    from sce_mae_jax.data import pairs as pairs_lib
+    p = pairs_lib.load_pairs(next((workdirs / 'pairs').glob('*.npz')))
+    ident = {k: v for k, v in p.items()}
+    ident['tgt_images'], ident['tgt_landmarks'] = p['src_images'], np.rint(p['src_landmarks'])
+    ident['src_landmarks'] = ident['tgt_landmarks']
+    pairs_lib.save_pairs(tmp_path / 'ident.npz', ident)
+    run_main(_args(workdirs, tmp_path / 'ev', f'--config.pairs_file={tmp_path / "ident.npz"}',
+                   '--config.rows=("pixels",)'))
+    assert _matching(tmp_path / 'ev') == {'pixels': {'same': 0.0, 'diff': 0.0}}
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def test_same_numbers_on_one_and_eight_devices_and_two_processes(workdirs, tmp_path):
+    run_main(_args(workdirs, tmp_path / 'd1'), devices=1)
+    run_main(_args(workdirs, tmp_path / 'd8'), devices=8)
+    port = _free_port()
+    env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='--xla_force_host_platform_device_count=2')
+    procs = [subprocess.Popen([sys.executable, '-m', 'sce_mae_jax.main', *_args(workdirs, tmp_path / 'p2'),
+                               f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2', f'--process_id={i}'],
+                              cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-3000:]
+    one = _matching(tmp_path / 'd1')
+    for other in (_matching(tmp_path / 'd8'), _matching(tmp_path / 'p2')):
+        assert sorted(other) == sorted(one)
+        for row in one:
+            np.testing.assert_allclose([other[row]['same'], other[row]['diff']],
+                                       [one[row]['same'], one[row]['diff']], rtol=1e-5)
+
+
+@pytest.mark.parametrize('case', ['other_backbone', 'bad_pairs', 'stride', 'not_stage2', 'no_model'])
+def test_bad_input_is_one_line_and_writes_nothing(workdirs, tmp_path, case):
+    wd = tmp_path / 'ev'
+    extra, expect = {
+        'other_backbone': ([f'--config.stage2={workdirs / "s2_other"}'], 'trained on another backbone'),
+        'bad_pairs': ([f'--config.pairs_file={tmp_path / "bad.npz"}'], 'expected layout'),
+        'stride': (['--config.features.stride=3'], 'must divide the patch size 8'),
+        'not_stage2': ([f'--config.stage2={workdirs / "s1"}'], 'not a stage-2'),
+        'no_model': (['--config.stage1=', '--config.stage2='], 'needs a model'),
+    }[case]
+    np.savez(tmp_path / 'bad.npz', src_images=np.zeros((2, 96, 96, 3), np.uint8))
+    proc = run_main(_args(workdirs, wd, *extra), check=False)
+    assert proc.returncode != 0 and expect in proc.stderr, proc.stderr[-2000:]
+    assert 'Traceback' not in proc.stderr
+    assert not wd.exists()
