@@ -122,3 +122,21 @@ def test_bad_input_is_one_line_and_writes_nothing(workdirs, tmp_path, case):
     assert proc.returncode != 0 and expect in proc.stderr, proc.stderr[-2000:]
     assert 'Traceback' not in proc.stderr
     assert not wd.exists()
+
+
+def test_mafl_pairs_from_a_prepared_tree(workdirs, tmp_path):
+    """`:data=mafl` reads the MAFL test split of a CelebA tree laid out as docs/datasets.md says (the dataset
+    tests' fixture: 2 test images → 1 same + 1 different pair, padded into one batch of 8)."""
+    from test_datasets import make_celeba
+    raw = tmp_path / 'celeba'
+    raw.mkdir()
+    make_celeba(raw)
+    args = _args(workdirs, tmp_path / 'ev', '--config.num_images=2', '--config.rows=("pixels","mae")',
+                 f'--config.manual_dir={raw}', f'--config.data_dir={tmp_path / "tfds"}')
+    args[0] = '--config=configs/eval_matching.py:data=mafl'
+    run_main(args)
+    with open(tmp_path / 'ev' / 'results.json') as f:
+        results = json.load(f)
+    assert results['meta']['matching']['data'] == 'mafl' and results['meta']['matching']['pairs'] == 2
+    assert sorted(results['matching']) == ['mae', 'pixels']
+    assert set(results['matching']['mae']) == {'same', 'diff'}
