@@ -127,7 +127,7 @@ def eval_fields(c: ml_collections.ConfigDict) -> None:
     c.stage2 = ''            # stage-2 workdir trained on stage1: the `sce_mae` row
     c.random_init_carb = ''  # stage-2 workdir trained with init_from=random_init: the control row
     c.extra = ''             # further stage-2 workdirs as rows: 'no_lcr=DIR,lead=DIR2'
-    c.rows = ('random_init', 'pixels', 'mae', 'sce_mae', 'random_init_carb')
+    c.rows = ('random_init', 'positions', 'pixels', 'mae', 'sce_mae', 'random_init_carb')
     c.seed = 0               # random_init's initialisation
     c.batch_size = 32        # global; a multiple of the device count
     c.features = dict(stride=4, block=-1)  # cover-and-stride stride (divides the patch); block −1 = final tokens

@@ -47,7 +47,7 @@ def test_rows_report_figures_and_stored_rerun(workdirs, tmp_path):
     run_main(args)
     with open(tmp_path / 'ev' / 'results.json') as f:
         results = json.load(f)
-    rows = ['random_init', 'pixels', 'mae', 'sce_mae', 'random_init_carb', 'again']
+    rows = ['random_init', 'positions', 'pixels', 'mae', 'sce_mae', 'random_init_carb', 'again']
     assert sorted(results['matching']) == sorted(rows)
     for r in rows:
         assert set(results['matching'][r]) == {'same', 'diff'}
@@ -68,8 +68,9 @@ def test_rows_report_figures_and_stored_rerun(workdirs, tmp_path):
     assert (tmp_path / 'ev' / 'results.json').stat().st_mtime_ns == before
 
 
-def test_pixels_match_exactly_on_same_identity_without_warp(workdirs, tmp_path):
-    """A pair whose target is its source: every row that sees the image itself finds each landmark at 0 px."""
+def test_pixels_and_positions_match_exactly_on_unwarped_pairs(workdirs, tmp_path):
+    """A pair whose target is its source: the rows that see the image itself, or only where a pixel is, find
+    each landmark at 0 px."""
     from sce_mae_jax.data import pairs as pairs_lib
     p = pairs_lib.load_pairs(next((workdirs / 'pairs').glob('*.npz')))
     ident = {k: v for k, v in p.items()}
@@ -77,8 +78,8 @@ def test_pixels_match_exactly_on_same_identity_without_warp(workdirs, tmp_path):
     ident['src_landmarks'] = ident['tgt_landmarks']
     pairs_lib.save_pairs(tmp_path / 'ident.npz', ident)
     run_main(_args(workdirs, tmp_path / 'ev', f'--config.pairs_file={tmp_path / "ident.npz"}',
-                   '--config.rows=("pixels",)'))
-    assert _matching(tmp_path / 'ev') == {'pixels': {'same': 0.0, 'diff': 0.0}}
+                   '--config.rows=("pixels","positions")'))
+    assert _matching(tmp_path / 'ev') == {r: {'same': 0.0, 'diff': 0.0} for r in ('pixels', 'positions')}
 
 
 def _free_port():

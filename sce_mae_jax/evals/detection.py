@@ -208,6 +208,9 @@ def pixel_windows(images: jax.Array, *, patch: int, stride: int) -> jax.Array:
 def features_fn(row: Row, encoder: ViT, stride: int, block: int) -> Callable:
     """`fn(frozen, images_uint8) → (B, H/s, W/s, C)`, the regressor input of `row` (see the module docstring);
     `frozen` is {'backbone': ..., 'projector': ...}, the step argument."""
+    if row.kind == 'positions':
+        return lambda frozen, images: features.l2_normalize(features.position_features(
+            encoder, images.shape[0], images.shape[1] // stride))
     if row.kind == 'pixels':
         return lambda frozen, images: features.l2_normalize(pixel_windows(
             pipeline.normalize(images), patch=encoder.patch_size, stride=stride))

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from sce_mae_jax.data import pipeline
-from sce_mae_jax.models.vit import ViT
+from sce_mae_jax.models.vit import ViT, sincos_pos_embed_2d
 
 
 class StrideError(ValueError):
@@ -84,6 +84,15 @@ def upsample(maps: jax.Array, size: int) -> jax.Array:
     if (h, w) == (size, size):
         return maps
     return jax.image.resize(maps, (b, size, size, c), method='bilinear')
+
+
+def position_features(encoder: ViT, batch: int, size: int) -> jax.Array:
+    """The `positions` control, (batch, size, size, D): the encoder's fixed 2-D sin-cos position table
+    (method.md §1) on its g x g token grid, bilinearly resized, the same for every image. Its dot products fall
+    with distance, so matching with it predicts 'the same place in the frame'."""
+    g, d = encoder.grid, encoder.embed_dim
+    table = jnp.asarray(sincos_pos_embed_2d(d, g, g)).reshape(1, g, g, d)
+    return jnp.broadcast_to(upsample(table, size), (batch, size, size, d))
 
 
 def l2_normalize(x: jax.Array, eps: float = 1e-8) -> jax.Array:

@@ -111,6 +111,9 @@ def features_fn_for(row, encoder, fc, size: int):
     (backbone, projector params, images)."""
     if row.kind == "pixels":
         return lambda backbone, proj, images: raw_pixel_features(images)
+    if row.kind == "positions":
+        from sce_mae_jax.evals import features
+        return lambda backbone, proj, images: features.position_features(encoder, images.shape[0], size)
     return functools.partial(_dense, encoder=encoder, projector=row.projector, stride=fc.stride, block=fc.block,
                              size=size)
 

@@ -33,7 +33,7 @@ PAPER = {
     'limited': 'AFLW_M, 256-d: 17.08±1.35, 11.28±0.54, 10.30±0.09, 8.95±0.08, 8.20±0.20, 7.58±0.09 for '
                '1 / 5 / 10 / 20 / 50 / 100 annotations.',
 }
-ROW_ORDER = ('random_init', 'pixels', 'mae', 'sce_mae', 'random_init_carb')
+ROW_ORDER = ('random_init', 'positions', 'pixels', 'mae', 'sce_mae', 'random_init_carb')
 
 
 def load(workdir: str) -> dict:

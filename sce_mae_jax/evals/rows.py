@@ -1,6 +1,9 @@
 """The rows every evaluation reports, and where each one's backbone and projector come from.
 
     random_init       an untrained encoder of the same size (seed `config.seed`)
+    positions         a descriptor that knows only where it is: the encoder's fixed sin-cos position table, the
+                      same for every image. Faces in these benchmarks are roughly aligned, so this is the floor a
+                      learned feature must clear to show it matches content rather than position.
     pixels            raw-pixel descriptors, no network (matching: 7x7 neighbourhoods; see matching.py)
     mae               the stage-1 encoder alone (the paper's "Baseline")
     sce_mae           the stage-2 workdir: its frozen backbone + the CARB projector
@@ -27,20 +30,17 @@ from sce_mae_jax.models.mae import RANDOM_INIT, encoder_from_model_config, rando
 from sce_mae_jax.models.vit import ViT
 from sce_mae_jax.train.common import ConfigError, load_params, restore_tree, shape_mismatches
 
-ROWS = ('random_init', 'pixels', 'mae', 'sce_mae', 'random_init_carb')
+ROWS = ('random_init', 'positions', 'pixels', 'mae', 'sce_mae', 'random_init_carb')
 
 
 @dataclasses.dataclass(frozen=True)
 class Row:
     name: str
-    backbone: Any = None          # encoder params; None for `pixels`
+    kind: str                     # 'positions', 'pixels', 'backbone' (stage-1 features) or 'projected' (+ projector)
+    backbone: Any = None          # encoder params
     projector: Projector | None = None
     proj_params: Any = None
     source: str = ''              # the workdir (or description) it was read from, for the report's meta
-
-    @property
-    def kind(self) -> str:
-        return 'pixels' if self.backbone is None else ('projected' if self.projector is not None else 'backbone')
 
 
 def read_config(workdir: str, what: str) -> dict:
@@ -114,14 +114,17 @@ def load_rows(config) -> tuple[ViT, list[Row], list[str]]:
     rows, skipped = [], []
     for name in [r for r in ROWS if r in config.rows] + [n for n, _ in parse_extra(config.extra)]:
         if name == 'random_init':
-            rows.append(Row(name, random_encoder_params(encoder, config.seed), source=f'seed {config.seed}'))
+            rows.append(Row(name, 'backbone', random_encoder_params(encoder, config.seed),
+                            source=f'seed {config.seed}'))
+        elif name == 'positions':
+            rows.append(Row(name, 'positions', source='sin-cos position table'))
         elif name == 'pixels':
-            rows.append(Row(name, source='raw pixels'))
+            rows.append(Row(name, 'pixels', source='raw pixels'))
         elif name == 'mae':
             if mae_params is None:
                 skipped.append('mae (no --config.stage1)')
                 continue
-            rows.append(Row(name, mae_params, source=config.stage1))
+            rows.append(Row(name, 'backbone', mae_params, source=config.stage1))
         else:
             workdir = dict(stage2)[name]
             if not workdir:
@@ -136,7 +139,7 @@ def load_rows(config) -> tuple[ViT, list[Row], list[str]]:
                 raise ConfigError(f'{name}={workdir} was trained on another backbone than stage1={config.stage1} '
                                   f'(its init_from: {cfg.get("init_from")!r}); pass the stage-1 workdir it was '
                                   'trained on, or a stage-2 workdir trained on this one')
-            rows.append(Row(name, backbone, projector, proj_params, source=workdir))
+            rows.append(Row(name, 'projected', backbone, projector, proj_params, source=workdir))
     for s in skipped:
         logging.warning('evaluation: row %s skipped', s)
     return encoder, rows, skipped
