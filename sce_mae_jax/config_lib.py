@@ -130,7 +130,9 @@ def eval_fields(c: ml_collections.ConfigDict) -> None:
     c.rows = ('random_init', 'positions', 'pixels', 'mae', 'sce_mae', 'random_init_carb')
     c.seed = 0               # random_init's initialisation
     c.batch_size = 32        # global; a multiple of the device count
-    c.features = dict(stride=4, block=-1)  # cover-and-stride stride (divides the patch); block −1 = final tokens
+    # cover-and-stride stride (divides the patch); block: −1 = final normed tokens (the paper's), or a 0-based
+    # block, for the rows without a projector (a projector always reads the final tokens it was trained on)
+    c.features = dict(stride=4, block=-1)
 
 
 def eval_matching(arg: str | None) -> ml_collections.ConfigDict:

@@ -7,11 +7,12 @@ several processes by hand (or in tests) pass the coordinator address, process co
 """
 from __future__ import annotations
 
-import importlib
 import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from sce_mae_jax import jobs
 
 config_flags.DEFINE_config_file('config', None, 'Job config file (configs/*.py[:arg]).', lock_config=True)
 flags.DEFINE_string('workdir', None, 'Where checkpoints, metrics and figures go; rerun to resume.')
@@ -21,10 +22,6 @@ flags.DEFINE_string('coordinator_address', None, 'host:port of process 0, for a 
 flags.DEFINE_integer('num_processes', 1, 'With --coordinator_address: number of processes.')
 flags.DEFINE_integer('process_id', 0, 'With --coordinator_address: this process.')
 
-# job → 'module:function', called as function(config, workdir)
-JOBS = {'pretrain': 'sce_mae_jax.train.pretrain:train', 'carb': 'sce_mae_jax.train.carb:train',
-        'pipeline': 'sce_mae_jax.train.pipeline:train', 'eval_matching': 'sce_mae_jax.evals.matching:run',
-        'eval_detection': 'sce_mae_jax.evals.detection:run', 'eval_limited': 'sce_mae_jax.evals.detection:run_limited'}
 
 
 def user_errors() -> tuple[type, ...]:
@@ -57,13 +54,12 @@ def main(argv):
         jax.distributed.initialize()
     config = FLAGS.config
     job = config.get('job')
-    if job not in JOBS:
-        sys.exit(f'error: config.job={job!r} is not one of {sorted(JOBS)}')
+    if job not in jobs.JOBS:
+        sys.exit(f'error: config.job={job!r} is not one of {sorted(jobs.JOBS)}')
     logging.info('job %s on %d devices, %d processes; config:\n%s', job, jax.device_count(), jax.process_count(),
                  config)
     try:
-        module, function = JOBS[job].split(':')
-        getattr(importlib.import_module(module), function)(config, FLAGS.workdir)
+        jobs.run(config, FLAGS.workdir)
     except user_errors() as e:
         logging.error('%s', e)
         sys.exit(f'error: {e}')

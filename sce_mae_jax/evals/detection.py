@@ -217,9 +217,10 @@ def features_fn(row: Row, encoder: ViT, stride: int, block: int) -> Callable:
     if row.kind == 'backbone':
         return lambda frozen, images: features.l2_normalize(features.dense_features(
             frozen['backbone'], None, images, encoder=encoder, stride=stride, block=block))
+    # the projector was trained on the final tokens: its rows read those whatever `features.block` says
     return lambda frozen, images: features.dense_features(
         frozen['backbone'], frozen['projector'], images, encoder=encoder, projector=row.projector, stride=stride,
-        block=block, concat=True)
+        block=-1, concat=True)
 
 
 def frozen_of(row: Row) -> dict:

@@ -114,7 +114,9 @@ def features_fn_for(row, encoder, fc, size: int):
     if row.kind == "positions":
         from sce_mae_jax.evals import features
         return lambda backbone, proj, images: features.position_features(encoder, images.shape[0], size)
-    return functools.partial(_dense, encoder=encoder, projector=row.projector, stride=fc.stride, block=fc.block,
+    # a projector was trained on the final tokens, so its rows read those whatever `features.block` says
+    block = -1 if row.kind == "projected" else fc.block
+    return functools.partial(_dense, encoder=encoder, projector=row.projector, stride=fc.stride, block=block,
                              size=size)
 
 

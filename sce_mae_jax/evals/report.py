@@ -164,11 +164,15 @@ def render(results: dict) -> str:
                   'that are attentive; the paper\'s premise is 100% at the clustering block) and the share of '
                   'attentive tokens on the cells most often attentive over the images (100%: fixed positions, '
                   'whatever the face).', '']
+        blocks = sorted({b for v in results['premise'].values() for b in v}, key=int)
+        lines += ['Each cell: attentive tokens on a landmark / chance, landmark recall, share on fixed cells.', '',
+                  '| row | ' + ' | '.join(f'block {b}' for b in blocks) + ' |', '|---|' + '---|' * len(blocks)]
         for r in _rows(results['premise']):
-            lines += [f'`{r}`: ' + '; '.join(
-                f'block {b}: {100 * v["coverage"]:.1f}% on a landmark (chance {100 * v["chance"]:.1f}%), '
-                f'recall {100 * v["recall"]:.0f}%, {100 * v["concentration"]:.0f}% on fixed cells'
-                for b, v in sorted(results['premise'][r].items(), key=lambda kv: int(kv[0]))), '']
+            cells = [results['premise'][r].get(b) for b in blocks]
+            lines.append(f'| `{r}` | ' + ' | '.join(
+                '–' if v is None else f'{100 * v["coverage"]:.1f}% / {100 * v["chance"]:.1f}%, '
+                f'{100 * v["recall"]:.0f}%, {100 * v["concentration"]:.0f}%' for v in cells) + ' |')
+        lines += ['']
     figs = [(k, f) for k, v in meta.items() for f in v.get('figures', [])]
     if figs:
         lines += ['## Figures', '']

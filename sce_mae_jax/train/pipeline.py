@@ -5,7 +5,6 @@ into `workdir/stage2`, the same stage 2 on an untrained backbone into `workdir/s
 stages are not retrained and finished evaluations are not recomputed."""
 from __future__ import annotations
 
-import importlib
 import os
 
 from absl import logging
@@ -40,7 +39,7 @@ def train(config, workdir: str) -> dict:
     if control:
         logging.info('pipeline: stage 2 on an untrained backbone (random_init_carb) → %s', dirs['stage2_random_init'])
         carb.train(_stage2(config.stage2, config.stage1, RANDOM_INIT), dirs['stage2_random_init'])
-    from sce_mae_jax.main import JOBS
+    from sce_mae_jax import jobs
     results = {}
     for name, ev in evals.items():
         ev = ev.copy_and_resolve_references()
@@ -48,6 +47,5 @@ def train(config, workdir: str) -> dict:
             ev.stage1, ev.stage2 = ev.stage1 or dirs['stage1'], ev.stage2 or dirs['stage2']
             ev.random_init_carb = ev.random_init_carb or (dirs['stage2_random_init'] if control else '')
         logging.info('pipeline: evaluation %s → %s', name, workdir)
-        module, function = JOBS[ev.job].split(':')
-        results = getattr(importlib.import_module(module), function)(ev, workdir)
+        results = jobs.run(ev, workdir)
     return results
