@@ -336,3 +336,33 @@ def test_limited_job_reports_mean_and_std_over_seeds(models, tmp_path):
     config.limited.sizes = (1, 40)
     with pytest.raises(ConfigError, match='asks for 40 annotated images'):
         D.run_limited(config, str(tmp_path / 'again'))
+
+
+# ---------------------------------------------------------------------------------------------- real layouts
+@pytest.mark.parametrize('job', ['detection', 'limited'])
+def test_jobs_read_real_datasets_in_the_documented_layout(models, tmp_path, job):
+    """`:data=mafl` (detection) and the default `aflw_m` (limited) on the dataset tests' fixture trees: 2 MAFL
+    and 2 AFLW_M training images, prepared from the raw files on first use."""
+    from test_datasets import make_aflw_m, make_celeba
+    data, make, key = {'detection': ('mafl', make_celeba, 'mafl'), 'limited': ('aflw_m', make_aflw_m, 'aflw_m')}[job]
+    raw = tmp_path / 'raw'
+    raw.mkdir()
+    make(raw)
+    s1, s2 = models
+    config = 'configs/eval_detection.py:data=mafl' if job == 'detection' else 'configs/eval_limited.py'
+    args = [f'--config={config}', f'--config.stage1={s1}', f'--config.stage2={s2}', "--config.rows=('sce_mae',)",
+            '--config.total_steps=2', '--config.batch_size=2', '--config.features.stride=8',
+            '--config.regressor.hidden=(8,)', '--config.regressor.heatmaps_per_landmark=4',
+            f'--config.manual_dir={raw}', f'--config.data_dir={tmp_path / "tfds"}', f'--workdir={tmp_path / "ev"}']
+    if job == 'limited':
+        args += ['--config.limited.sizes=(1,2)', '--config.limited.seeds=(0,1)', '--config.limited.epoch_size=4']
+    run_main(args)
+    results = json.load(open(tmp_path / 'ev' / 'results.json'))
+    if job == 'detection':
+        err = results['detection']['sce_mae'][key]
+        assert np.isfinite(err) and err > 0
+        assert results['meta'][f'detection/{key}']['test_images'] == 2
+    else:
+        assert sorted(results['limited']['sce_mae']) == ['1', '2']
+        for mean, std in results['limited']['sce_mae'].values():
+            assert np.isfinite(mean) and mean > 0 and std >= 0

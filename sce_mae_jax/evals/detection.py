@@ -428,13 +428,7 @@ def validate(config, *, limited: bool = False) -> None:
 
 
 def validate_model(config, encoder: ViT) -> None:
-    try:
-        features.check_stride(encoder.patch_size, config.features.stride)
-    except features.StrideError as e:
-        raise common.ConfigError(str(e)) from None
-    if not -1 <= config.features.block < encoder.depth:
-        raise common.ConfigError(f'features.block={config.features.block} must be −1 (final tokens) or a block of '
-                                 f'the backbone, 0..{encoder.depth - 1}')
+    features.check_config(config.features, encoder)
     common.check_batch_size(config.batch_size)
 
 

@@ -22,10 +22,11 @@ from jax import lax
 
 from sce_mae_jax.data import pipeline
 from sce_mae_jax.models.vit import ViT, sincos_pos_embed_2d
+from sce_mae_jax.train.common import ConfigError
 
 
-class StrideError(ValueError):
-    """A stride that cover-and-stride cannot use."""
+class StrideError(ConfigError):
+    """A stride (or block) that the feature extraction cannot use; main.py prints it as one line."""
 
 
 def check_stride(patch: int, stride: int) -> None:
@@ -33,6 +34,14 @@ def check_stride(patch: int, stride: int) -> None:
         divisors = [d for d in range(1, patch + 1) if patch % d == 0]
         raise StrideError(f'features.stride={stride} must divide the patch size {patch}; use one of {divisors} '
                           f'({patch} is the plain forward)')
+
+
+def check_config(fc, encoder: ViT) -> None:
+    """`config.features` against the encoder: a stride dividing the patch, a block it has."""
+    check_stride(encoder.patch_size, fc.stride)
+    if not -1 <= fc.block < encoder.depth:
+        raise StrideError(f'features.block={fc.block} must be -1 (final tokens) or a block of the backbone, '
+                          f'0..{encoder.depth - 1}')
 
 
 def shift_offsets(patch: int, stride: int) -> tuple[int, ...]:

@@ -178,13 +178,7 @@ def run(config, workdir: str) -> dict:
     from sce_mae_jax.train import common
 
     encoder, rows, skipped = rows_lib.load_rows(config)
-    try:
-        features.check_stride(encoder.patch_size, config.features.stride)
-    except features.StrideError as e:
-        raise common.ConfigError(str(e)) from None
-    if not -1 <= config.features.block < encoder.depth:
-        raise common.ConfigError(f"features.block={config.features.block} must be -1 (final tokens) or a block "
-                                 f"0..{encoder.depth - 1}")
+    features.check_config(config.features, encoder)
     fp = report.fingerprint(config, rows)
     done = report.stored(workdir, "matching", fp)
     if done is not None:
