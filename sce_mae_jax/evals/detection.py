@@ -278,17 +278,11 @@ def tps_transform(size: int, tc) -> Callable:
 
 def _training_settings(config, row: Row, task: Task, train_len: int, total_steps: int, lr: float, extra) -> dict:
     """What a regressor checkpoint depends on: a mismatch with a directory's regressor.json stops the job."""
-    return {'row': row.name, 'source': row.source, 'source_step': _latest_step(row.source), 'data': config.data,
+    return {'row': row.name, 'source': row.source, 'digest': row.digest, 'data': config.data,
             'data_seed': config.data_seed, 'set': task.name, 'train_images': train_len,
             'features': config.features.to_dict(), 'regressor': config.regressor.to_dict(), 'lr': lr,
             'weight_decay': config.weight_decay, 'b1': config.b1, 'b2': config.b2, 'batch_size': config.batch_size,
             'total_steps': total_steps, 'loss_scale': config.loss_scale, 'seed': config.seed, **extra}
-
-
-def _latest_step(path: str):
-    d = os.path.join(path, 'checkpoints')
-    steps = sorted(int(n) for n in os.listdir(d) if n.isdigit()) if os.path.isdir(d) else []
-    return steps[-1] if steps else None
 
 
 def _check_settings(unit_dir: str, settings: dict) -> None:
@@ -444,8 +438,6 @@ def _setup(config, workdir: str, limited: bool):
     validate(config, limited=limited)
     encoder, rows, skipped = load_rows(config)
     validate_model(config, encoder)
-    if not rows:
-        raise common.ConfigError(f'no row to evaluate (skipped: {skipped}); give the workdirs the rows need')
     os.makedirs(workdir, exist_ok=True)
     return encoder, rows, skipped, common.make_mesh(), report.fingerprint(config, rows)
 
@@ -507,7 +499,7 @@ def run(config, workdir: str) -> dict:
                         size=encoder.image_size)
                 figs = [(f'Detections on {key} test faces (paper Fig. S4)', rel)]
             section = {r: {key: per_row[r][key]} for r in per_row}
-            report.update(workdir, {'detection': section}, job_key=f'detection/{key}', meta=_meta(
+            report.update(workdir, {'detection': section}, job_key=f'detection/{key}', column=key, meta=_meta(
                 config, rows, skipped, fp, figures=figs, dataset=key, train_images=len(task.train),
                 test_images=len(view), steps=total, landmarks=task.num_landmarks,
                 iod_indices=list(task.iod_indices)))

@@ -21,9 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-
-def _l2_normalise(x: jax.Array, axis: int = -1, eps: float = 1e-8) -> jax.Array:
-    return x / jnp.maximum(jnp.linalg.norm(x, axis=axis, keepdims=True), eps)
+from sce_mae_jax.evals import features
+from sce_mae_jax.evals.features import l2_normalize
 
 
 def match_points(src_feats: jax.Array, tgt_feats: jax.Array, src_points: jax.Array) -> jax.Array:
@@ -38,8 +37,8 @@ def match_points(src_feats: jax.Array, tgt_feats: jax.Array, src_points: jax.Arr
     x = jnp.clip(pts[..., 0], 0, w - 1)
     y = jnp.clip(pts[..., 1], 0, h - 1)
     query = src_feats[jnp.arange(b)[:, None], y, x]  # (B, L, C)
-    query = _l2_normalise(query)
-    tgt = _l2_normalise(tgt_feats).reshape(b, h * w, c)
+    query = l2_normalize(query)
+    tgt = l2_normalize(tgt_feats).reshape(b, h * w, c)
     sim = jnp.einsum("blc,bnc->bln", query, tgt, precision=jax.lax.Precision.HIGHEST)
     idx = jnp.argmax(sim, axis=-1)
     return jnp.stack([idx % w, idx // w], -1).astype(jnp.float32)
@@ -74,27 +73,6 @@ def raw_pixel_features(images: jax.Array, patch: int = 7) -> jax.Array:
     return jnp.concatenate(shifts, axis=-1)
 
 
-def evaluate_pairs(pairs: dict[str, np.ndarray], features_fn, batch_size: int = 50) -> dict[str, float]:
-    """Runs the matching rule over stored pairs (see ``sce_mae_jax.data.pairs``) with ``features_fn``
-    mapping uint8 (B, 96, 96, 3) images to (B, 96, 96, C) features. -> {'same', 'diff', 'all'} mean errors
-    in the 70-px frame."""
-    match = jax.jit(match_points)
-    errs = []
-    n = len(pairs["kind"])
-    for s in range(0, n, batch_size):
-        sl = slice(s, s + batch_size)
-        pred = match(features_fn(pairs["src_images"][sl]), features_fn(pairs["tgt_images"][sl]),
-                     pairs["src_landmarks"][sl])
-        errs.append(np.asarray(pixel_errors(pred, pairs["tgt_landmarks"][sl])))
-    e = np.concatenate(errs, 0).mean(-1)  # (P,)
-    kind = np.asarray(pairs["kind"])
-    out = {"all": float(e.mean())}
-    for name, k in (("same", 0), ("diff", 1)):
-        if (kind == k).any():
-            out[name] = float(e[kind == k].mean())
-    return out
-
-
 # ---------------------------------------------------------------------------------------------- the job
 # python -m sce_mae_jax.main --config=configs/eval_matching.py --config.stage1=DIR --config.stage2=DIR --workdir=W
 
@@ -112,17 +90,11 @@ def features_fn_for(row, encoder, fc, size: int):
     if row.kind == "pixels":
         return lambda backbone, proj, images: raw_pixel_features(images)
     if row.kind == "positions":
-        from sce_mae_jax.evals import features
         return lambda backbone, proj, images: features.position_features(encoder, images.shape[0], size)
     # a projector was trained on the final tokens, so its rows read those whatever `features.block` says
     block = -1 if row.kind == "projected" else fc.block
-    return functools.partial(_dense, encoder=encoder, projector=row.projector, stride=fc.stride, block=block,
-                             size=size)
-
-
-def _dense(backbone, proj, images, **kw):
-    from sce_mae_jax.evals import features
-    return features.dense_features(backbone, proj, images, **kw)
+    return functools.partial(features.dense_features, encoder=encoder, projector=row.projector, stride=fc.stride,
+                             block=block, size=size)
 
 
 def matching_sums(backbone, proj, batch, *, features_fn) -> dict[str, jax.Array]:
@@ -174,7 +146,7 @@ def load_or_make_pairs(config) -> tuple[dict[str, np.ndarray], str]:
 def run(config, workdir: str) -> dict:
     """The matching job: every row's same / different-identity error on the stored pairs, figures, report."""
     from sce_mae_jax.data import pipeline
-    from sce_mae_jax.evals import attentive, features, plots, report, rows as rows_lib
+    from sce_mae_jax.evals import attentive, plots, report, rows as rows_lib
     from sce_mae_jax.train import common
 
     encoder, rows, skipped = rows_lib.load_rows(config)
@@ -217,7 +189,8 @@ def run(config, workdir: str) -> dict:
         fns[row.name] = (key, fn, backbone, proj)
         logging.info("matching %s: same %.2f, diff %.2f (70-px frame)", row.name, table[row.name].get("same", -1),
                      table[row.name].get("diff", -1))
-    figs, silhouette = plots.matching_figures(workdir, pairs, rows, fns, config.figures, mesh)
+    figs, silhouette = plots.matching_figures(workdir, pairs, rows, fns, config.figures, mesh) if \
+        config.figures.pairs > 0 else ([], {})
     n = min(int(config.premise.images), n_pairs)
     premise = {r.name: attentive.premise(encoder, r.backbone, pairs["tgt_images"][:n], pairs["tgt_landmarks"][:n],
                                          config.premise.eta) for r in rows if r.kind == "backbone" and n}

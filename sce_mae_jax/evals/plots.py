@@ -16,6 +16,7 @@ from absl import logging
 from PIL import Image, ImageDraw
 
 from sce_mae_jax.evals import matching
+from sce_mae_jax.evals.features import l2_normalize
 
 # MAFL order: left eye, right eye, nose, left / right mouth corner (data/preview.py uses the same)
 LANDMARK_COLOURS = [(255, 60, 60), (60, 200, 60), (60, 120, 255), (255, 200, 0), (220, 60, 220)]
@@ -144,14 +145,14 @@ def _figure_outputs(bb, pp, src_im, tgt_im, src_pts, tsne_im, tsne_pts, *, fn):
     src, tgt = fn(bb, pp, src_im), fn(bb, pp, tgt_im)
     pred = matching.match_points(src, tgt, src_pts)
     q = _at_points(src[-1:], src_pts[-1:])[0]
-    sim = jnp.einsum('lc,hwc->lhw', q, matching._l2_normalise(tgt[-1]))
+    sim = jnp.einsum('lc,hwc->lhw', q, l2_normalize(tgt[-1]))
     return pred, sim, _at_points(fn(bb, pp, tsne_im), tsne_pts)
 
 
 def _at_points(f, pts):
     b, h, w, _ = f.shape
     p = jnp.rint(pts).astype(jnp.int32)
-    return matching._l2_normalise(f[jnp.arange(b)[:, None], jnp.clip(p[..., 1], 0, h - 1), jnp.clip(p[..., 0], 0, w - 1)])
+    return l2_normalize(f[jnp.arange(b)[:, None], jnp.clip(p[..., 1], 0, h - 1), jnp.clip(p[..., 0], 0, w - 1)])
 
 
 def silhouette(desc: np.ndarray, runs: int) -> tuple[list[float], np.ndarray, np.ndarray]:

@@ -61,13 +61,8 @@ def _merge(dst: dict, src: dict) -> dict:
 
 
 def fingerprint(config, rows) -> str:
-    """Identifies an evaluation: its config and, per row, the checkpoint it read (path and step)."""
-    def latest(workdir):
-        d = os.path.join(workdir, 'checkpoints')
-        steps = sorted(int(n) for n in os.listdir(d) if n.isdigit()) if os.path.isdir(d) else []
-        return steps[-1] if steps else None
-    srcs = [(r.name, r.source, latest(r.source) if os.path.isdir(r.source) else None) for r in rows]
-    blob = json.dumps([config.to_json_best_effort(sort_keys=True), srcs], sort_keys=True)
+    """Identifies an evaluation: its config and, per row, its parameters' content (`Row.digest`)."""
+    blob = json.dumps([config.to_json_best_effort(sort_keys=True), [(r.name, r.digest) for r in rows]])
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -94,10 +89,21 @@ def command_line() -> str:
     return ' '.join(argv)
 
 
-def update(workdir: str, sections: dict[str, Any], job_key: str, meta: dict) -> dict:
-    """Merges `sections` (e.g. {'matching': {ROW: {...}}}) and `meta` under `job_key`, rewrites both files."""
+def update(workdir: str, sections: dict[str, Any], job_key: str, meta: dict, column: str | None = None) -> dict:
+    """Writes `sections` (e.g. {'matching': {ROW: {...}}}) and `meta` under `job_key`, rewrites both files.
+
+    A job replaces what it owns, so rows of an earlier run that this one skipped do not linger under its meta:
+    without `column` the whole sections; with `column` (a detection set) that column of every row, the other
+    columns (other sets' jobs) kept."""
     results = load(workdir)
-    _merge(results, sections)
+    for name, section in sections.items():
+        if column is None:
+            results[name] = section
+        else:
+            for row in results.get(name, {}).values():
+                row.pop(column, None)
+            _merge(results.setdefault(name, {}), section)
+            results[name] = {r: v for r, v in results[name].items() if v}
     results.setdefault('meta', {})[job_key] = {'command': command_line(), 'versions': versions(), **meta}
     if jax.process_index() == 0:
         os.makedirs(workdir, exist_ok=True)

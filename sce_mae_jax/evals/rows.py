@@ -16,6 +16,7 @@ Every stage-2 row must sit on the stage-1 backbone of the `mae` row (checked val
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 from typing import Any
@@ -41,6 +42,15 @@ class Row:
     projector: Projector | None = None
     proj_params: Any = None
     source: str = ''              # the workdir (or description) it was read from, for the report's meta
+
+    @property
+    def digest(self) -> str:
+        """The row's identity by content (its parameters' bytes): results and regressors stored for one
+        checkpoint are never reused for a retrained one that happens to share its path and step."""
+        h = hashlib.sha256(f'{self.name}:{self.kind}:{self.projector!r}'.encode())
+        for leaf in jax.tree.leaves((self.backbone, self.proj_params)):
+            h.update(np.ascontiguousarray(leaf).tobytes())
+        return h.hexdigest()[:16]
 
 
 def read_config(workdir: str, what: str) -> dict:
@@ -72,6 +82,11 @@ def _stage2(workdir: str, what: str, encoder: ViT) -> tuple[dict, dict, Projecto
     params = load_params(workdir)
     # workdirs from before the softmax default were trained with the plain linear map
     pc = {'activation': 'linear', **cfg['projector']}
+    fields = {f.name for f in dataclasses.fields(Projector)} - {'parent', 'name'}
+    unknown = sorted(set(pc) - fields)
+    if unknown:
+        raise ConfigError(f'{what}={workdir}: its config.json has projector fields {unknown} this version does not '
+                          f'know ({sorted(fields)}); evaluate it with the version that trained it')
     projector = Projector(**{**pc, 'hidden': tuple(pc.get('hidden', ()))})
     return cfg, jax.tree.map(np.asarray, backbone), projector, params
 
@@ -109,10 +124,13 @@ def load_rows(config) -> tuple[ViT, list[Row], list[str]]:
     if config.stage1:
         params = load_params(config.stage1)
         mae_params = params.get('encoder', params)
+    extra = parse_extra(config.extra)
+    if len({n for n, _ in extra}) != len(extra):
+        raise ConfigError(f'extra={config.extra!r} names a row twice')
     stage2 = [(n, d) for n, d in (('sce_mae', config.stage2), ('random_init_carb', config.random_init_carb))
-              if n in config.rows] + parse_extra(config.extra)
+              if n in config.rows] + extra
     rows, skipped = [], []
-    for name in [r for r in ROWS if r in config.rows] + [n for n, _ in parse_extra(config.extra)]:
+    for name in [r for r in ROWS if r in config.rows] + [n for n, _ in extra]:
         if name == 'random_init':
             rows.append(Row(name, 'backbone', random_encoder_params(encoder, config.seed),
                             source=f'seed {config.seed}'))
@@ -135,6 +153,11 @@ def load_rows(config) -> tuple[ViT, list[Row], list[str]]:
                 if cfg.get('init_from') != RANDOM_INIT:
                     raise ConfigError(f'random_init_carb={workdir} was trained on init_from={cfg.get("init_from")!r}, '
                                       f'not an untrained backbone; train it with --config.init_from={RANDOM_INIT}')
+                # the control must sit on the very backbone of the random_init row it is compared with
+                if not _same_tree(backbone, random_encoder_params(encoder, config.seed)):
+                    raise ConfigError(f'random_init_carb={workdir} froze the untrained backbone of seed '
+                                      f'{cfg.get("seed")}, the random_init row uses seed {config.seed}; pass '
+                                      f'--config.seed={cfg.get("seed")}')
             elif mae_params is not None and not _same_tree(backbone, mae_params):
                 raise ConfigError(f'{name}={workdir} was trained on another backbone than stage1={config.stage1} '
                                   f'(its init_from: {cfg.get("init_from")!r}); pass the stage-1 workdir it was '
@@ -142,4 +165,6 @@ def load_rows(config) -> tuple[ViT, list[Row], list[str]]:
             rows.append(Row(name, 'projected', backbone, projector, proj_params, source=workdir))
     for s in skipped:
         logging.warning('evaluation: row %s skipped', s)
+    if not rows:
+        raise ConfigError(f'no row to evaluate (skipped: {", ".join(skipped)}); give the workdirs the rows need')
     return encoder, rows, skipped

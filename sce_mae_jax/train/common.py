@@ -293,7 +293,7 @@ def train_loop(config, workdir: str, *, state, state_sharding, step_fn, data_ite
     mngr.wait_until_finished()
     mngr.close()
     writer.close()
-    return {'step': step, 'state': state}
+    return {'step': step, 'state': state, 'finished': step >= total_steps}
 
 
 def ensure_workdir(workdir: str) -> None:

@@ -24,21 +24,33 @@ def _stage2(config, stage1_config, init_from: str):
     return stage2
 
 
+def _stopped(out: dict, what: str) -> bool:
+    """A stage stopped early (preemption) must not feed the next one: rerunning resumes it first."""
+    if out.get('finished', True):
+        return False
+    logging.warning('pipeline: %s stopped at step %d; rerun the same command to resume it', what, out['step'])
+    return True
+
+
 def train(config, workdir: str) -> dict:
     common.prepare_workdir(workdir, config)
     dirs = {name: os.path.join(workdir, name) for name in ('stage1', 'stage2', 'stage2_random_init')}
     logging.info('pipeline: stage 1 (MAE) → %s', dirs['stage1'])
-    pretrain.train(config.stage1, dirs['stage1'])
+    out = pretrain.train(config.stage1, dirs['stage1'])
+    if _stopped(out, 'stage 1'):
+        return out
     logging.info('pipeline: stage 2 (CARB) → %s', dirs['stage2'])
     out = carb.train(_stage2(config.stage2, config.stage1, config.stage2.init_from or dirs['stage1']),
                      dirs['stage2'])
     evals = config.get('evals', {})
-    if not evals:
+    if not evals or _stopped(out, 'stage 2'):
         return out
     control = config.get('control', True)
     if control:
         logging.info('pipeline: stage 2 on an untrained backbone (random_init_carb) → %s', dirs['stage2_random_init'])
-        carb.train(_stage2(config.stage2, config.stage1, RANDOM_INIT), dirs['stage2_random_init'])
+        out = carb.train(_stage2(config.stage2, config.stage1, RANDOM_INIT), dirs['stage2_random_init'])
+        if _stopped(out, 'the random_init_carb stage 2'):
+            return out
     from sce_mae_jax import jobs
     results = {}
     for name, ev in evals.items():
@@ -46,6 +58,8 @@ def train(config, workdir: str) -> dict:
         with ev.unlocked():
             ev.stage1, ev.stage2 = ev.stage1 or dirs['stage1'], ev.stage2 or dirs['stage2']
             ev.random_init_carb = ev.random_init_carb or (dirs['stage2_random_init'] if control else '')
+            if control:  # the random_init row is the control's backbone (seeded like stage 2)
+                ev.seed = config.stage2.seed
         logging.info('pipeline: evaluation %s → %s', name, workdir)
         results = jobs.run(ev, workdir)
     return results
