@@ -66,6 +66,9 @@ def test_rows_report_figures_and_stored_rerun(workdirs, tmp_path):
     proc = run_main(args)
     assert 'not recomputing' in proc.stderr
     assert (tmp_path / 'ev' / 'results.json').stat().st_mtime_ns == before
+    # a run with fewer rows replaces the matching section: no row of the earlier run lingers under its meta
+    run_main([*args, '--config.rows=("pixels",)', '--config.extra='])
+    assert sorted(_matching(tmp_path / 'ev')) == ['pixels']
 
 
 def test_pixels_and_positions_match_exactly_on_unwarped_pairs(workdirs, tmp_path):
@@ -108,7 +111,8 @@ def test_same_numbers_on_one_and_eight_devices_and_two_processes(workdirs, tmp_p
                                        [one[row]['same'], one[row]['diff']], rtol=1e-5)
 
 
-@pytest.mark.parametrize('case', ['other_backbone', 'bad_pairs', 'stride', 'not_stage2', 'no_model'])
+@pytest.mark.parametrize('case', ['other_backbone', 'bad_pairs', 'stride', 'not_stage2', 'no_model',
+                                  'control_seed'])
 def test_bad_input_is_one_line_and_writes_nothing(workdirs, tmp_path, case):
     wd = tmp_path / 'ev'
     extra, expect = {
@@ -117,6 +121,7 @@ def test_bad_input_is_one_line_and_writes_nothing(workdirs, tmp_path, case):
         'stride': (['--config.features.stride=3'], 'must divide the patch size 8'),
         'not_stage2': ([f'--config.stage2={workdirs / "s1"}'], 'not a stage-2'),
         'no_model': (['--config.stage1=', '--config.stage2='], 'needs a model'),
+        'control_seed': (['--config.seed=1'], 'froze the untrained backbone of seed 0'),
     }[case]
     np.savez(tmp_path / 'bad.npz', src_images=np.zeros((2, 96, 96, 3), np.uint8))
     proc = run_main(_args(workdirs, wd, *extra), check=False)
