@@ -174,33 +174,31 @@ def _regressor_fields(c: ml_collections.ConfigDict) -> None:
     c.keep_checkpoints = 1
 
 
-def eval_detection(arg: str | None) -> ml_collections.ConfigDict:
-    """Landmark detection (paper Table 2, method.md §4): a regressor on frozen features, error in % of IOD."""
-    a = parse_arg(arg, data='synthetic')
+def _regressor_job(job: str, arg: str | None, *, data: str, lr: float, augment: str) -> ml_collections.ConfigDict:
+    a = parse_arg(arg, data=data)
     c = ml_collections.ConfigDict()
-    c.job = 'eval_detection'
+    c.job = job
     data_fields(c, a.data)
     eval_fields(c)
     _regressor_fields(c)
-    c.lr = 1e-3              # Adam, cosine to 0 (method.md §4 decision)
+    c.lr = lr                # Adam, cosine to 0 (method.md §4)
     c.batch_size = 32
+    c.augment = augment      # 'none' or 'tps' (one random warp per example, the fields `tps`)
+    return c
+
+
+def eval_detection(arg: str | None) -> ml_collections.ConfigDict:
+    """Landmark detection (paper Table 2, method.md §4): a regressor on frozen features, error in % of IOD."""
+    c = _regressor_job('eval_detection', arg, data='synthetic', lr=1e-3, augment='none')
     # Regressor epochs per dataset (the paper gives none; our choice). '300w' is spelled w300 (a field name).
     c.epochs = dict(synthetic=20, mafl=50, aflw_m=50, aflw_r=50, w300=100)
-    c.augment = 'none'       # 'none' or 'tps' (the limited-annotation warp, `tps`)
     return c
 
 
 def eval_limited(arg: str | None) -> ml_collections.ConfigDict:
-    """Limited annotations (paper Table 3, method.md §4): N annotated AFLW_M images, mean ± std over seeds."""
-    a = parse_arg(arg, data='aflw_m')
-    c = ml_collections.ConfigDict()
-    c.job = 'eval_limited'
-    data_fields(c, a.data)
-    eval_fields(c)
-    _regressor_fields(c)
-    c.lr = 1e-2
-    c.batch_size = 32
-    c.augment = 'tps'        # a single random TPS warp per example (method.md §4)
+    """Limited annotations (paper Table 3, method.md §4): N annotated AFLW_M images, mean ± std over seeds,
+    lr 0.01, a single TPS warp per example."""
+    c = _regressor_job('eval_limited', arg, data='aflw_m', lr=1e-2, augment='tps')
     # one draw of N images per seed; an epoch = the N images repeated to epoch_size (0 = the train split's size)
     c.limited = dict(sizes=(1, 5, 10, 20, 50, 100), seeds=(0, 1, 2), epochs=50, epoch_size=0)
     c.figures.faces = 0
