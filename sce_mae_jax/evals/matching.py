@@ -1,7 +1,9 @@
 """Landmark matching by nearest neighbour in feature space (CL's rule, used by SCE-MAE's Table 1).
 
 Pure jax.numpy functions so they can be jitted and batched over pairs; the feature extractor (backbone,
-upsampling to 96x96, projection) lives elsewhere, which keeps the rule itself testable against a NumPy loop.
+upsampling to 96x96, projection) lives in features.py, which keeps the rule itself testable against a NumPy loop.
+`run` is the matching job (configs/eval_matching.py): every row of evals/rows.py on the stored pairs of
+data/pairs.py, sums reduced inside one jitted function over the mesh, then figures and report.
 
 Rule: the query is the L2-normalised feature at the source landmark's *rounded* pixel; the prediction is the
 target pixel with the highest cosine similarity.  Errors are reported in a 70-px frame: CL measures at 96 px and
