@@ -47,7 +47,6 @@ def get_config(arg=None):
 
     detection = config_lib.eval_detection(arg)
     detection.features.stride = 8     # one pass per image: the regressors train on 12x12 maps here
-    detection.rows = ('random_init', 'positions', 'pixels', 'mae', 'sce_mae', 'random_init_carb')
     detection.num_train_images = 1000
     detection.num_test_images = 100
     detection.total_steps = 150

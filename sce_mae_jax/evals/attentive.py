@@ -11,6 +11,7 @@ initialised, the baseline a trained backbone should beat.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 
@@ -49,6 +50,12 @@ def landmark_recall(attentive, on_landmark) -> float:
     return float(attentive[on_landmark].mean())
 
 
+@functools.lru_cache(maxsize=None)
+def _cls_logits(encoder):
+    """The CLS-query logits of every block, jitted once per encoder (rows of one size share it)."""
+    return jax.jit(lambda p, x: encoder.apply({'params': p}, x, capture=tuple(range(encoder.depth)))['cls_logits'])
+
+
 def premise(encoder, params, images_uint8, landmarks, eta: float, recall_landmarks=None) -> dict[str, dict]:
     """Per block: `coverage` (attentive tokens on a landmark cell), `chance`, `recall` (landmark cells that are
     attentive) and `concentration` (attentive tokens on the most often attentive cells) of eq. 1's split, for
@@ -61,8 +68,7 @@ def premise(encoder, params, images_uint8, landmarks, eta: float, recall_landmar
     on_lm = landmark_tokens(jnp.asarray(landmarks), encoder.grid, encoder.patch_size)
     on_recall = on_lm if recall_landmarks is None else landmark_tokens(jnp.asarray(recall_landmarks), encoder.grid,
                                                                         encoder.patch_size)
-    logits = jax.jit(lambda p, x: encoder.apply({'params': p}, x, capture=tuple(range(encoder.depth)))['cls_logits'])(
-        params, images)
+    logits = _cls_logits(encoder)(params, images)
     out = {}
     for block in range(encoder.depth):
         attentive = carb.attentive_mask(logits[block], eta)

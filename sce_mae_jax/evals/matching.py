@@ -27,19 +27,22 @@ from sce_mae_jax.evals import features
 from sce_mae_jax.evals.features import l2_normalize
 
 
+def descriptors_at(feats: jax.Array, points: jax.Array) -> jax.Array:
+    """L2-normalised features at the *rounded* (clipped) pixels of `points`: (B, H, W, C), (B, L, 2) xy → (B, L, C)."""
+    feats = jnp.asarray(feats, jnp.float32)
+    b, h, w, _ = feats.shape
+    pts = jnp.rint(jnp.asarray(points, jnp.float32)).astype(jnp.int32)
+    return l2_normalize(feats[jnp.arange(b)[:, None], jnp.clip(pts[..., 1], 0, h - 1), jnp.clip(pts[..., 0], 0, w - 1)])
+
+
 def match_points(src_feats: jax.Array, tgt_feats: jax.Array, src_points: jax.Array) -> jax.Array:
     """src_feats, tgt_feats (B, H, W, C); src_points (B, L, 2) xy pixels -> predicted target points (B, L, 2).
 
     Ties resolve to the first pixel in row-major order (argmax), so the result is deterministic.
     """
-    src_feats = jnp.asarray(src_feats, jnp.float32)
     tgt_feats = jnp.asarray(tgt_feats, jnp.float32)
-    b, h, w, c = src_feats.shape
-    pts = jnp.rint(jnp.asarray(src_points, jnp.float32)).astype(jnp.int32)
-    x = jnp.clip(pts[..., 0], 0, w - 1)
-    y = jnp.clip(pts[..., 1], 0, h - 1)
-    query = src_feats[jnp.arange(b)[:, None], y, x]  # (B, L, C)
-    query = l2_normalize(query)
+    b, h, w, c = tgt_feats.shape
+    query = descriptors_at(src_feats, src_points)  # (B, L, C)
     tgt = l2_normalize(tgt_feats).reshape(b, h * w, c)
     sim = jnp.einsum("blc,bnc->bln", query, tgt, precision=jax.lax.Precision.HIGHEST)
     idx = jnp.argmax(sim, axis=-1)
@@ -130,19 +133,20 @@ def load_or_make_pairs(config) -> tuple[dict[str, np.ndarray], str]:
     cache_dir = config.pairs_cache or os.path.join(os.path.expanduser("~"), ".cache", "sce_mae_jax", "pairs")
     path = os.path.join(cache_dir, f"{config.data}_{config.split}_{config.num_images}_seed{config.pairs_seed}"
                                    f"_data{config.data_seed}.npz")
-    if not os.path.exists(path):
+    try:
+        if os.path.exists(path):  # stored once: no dataset read
+            return pairs_lib.get_or_make_pairs(None, path, num_images=config.num_images), path
         logging.info("matching: generating %d pairs from %s/%s into %s (once)", config.num_images, config.data,
                      config.split, path)
-    source = get_source(config.data, config.split, manual_dir=config.manual_dir or None,
-                        data_dir=config.data_dir or None, seed=config.data_seed)
-    if getattr(source, "num_landmarks", 5) != 5:
-        raise ConfigError(f"data={config.data} has {source.num_landmarks} landmarks; matching uses the 5-point "
-                          "sets (MAFL, or the synthetic faces)")
-    try:
-        pairs = pairs_lib.get_or_make_pairs(source, path, num_images=config.num_images, seed=config.pairs_seed)
+        source = get_source(config.data, config.split, manual_dir=config.manual_dir or None,
+                            data_dir=config.data_dir or None, seed=config.data_seed)
+        if getattr(source, "num_landmarks", 5) != 5:
+            raise ConfigError(f"data={config.data} has {source.num_landmarks} landmarks; matching uses the "
+                              "5-point sets (MAFL, or the synthetic faces)")
+        return pairs_lib.get_or_make_pairs(source, path, num_images=config.num_images,
+                                           seed=config.pairs_seed), path
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    return pairs, path
 
 
 def run(config, workdir: str) -> dict:

@@ -144,15 +144,9 @@ def _figure_outputs(bb, pp, src_im, tgt_im, src_pts, tsne_im, tsne_pts, *, fn):
     t-SNE images (n, L, C)."""
     src, tgt = fn(bb, pp, src_im), fn(bb, pp, tgt_im)
     pred = matching.match_points(src, tgt, src_pts)
-    q = _at_points(src[-1:], src_pts[-1:])[0]
+    q = matching.descriptors_at(src[-1:], src_pts[-1:])[0]
     sim = jnp.einsum('lc,hwc->lhw', q, l2_normalize(tgt[-1]))
-    return pred, sim, _at_points(fn(bb, pp, tsne_im), tsne_pts)
-
-
-def _at_points(f, pts):
-    b, h, w, _ = f.shape
-    p = jnp.rint(pts).astype(jnp.int32)
-    return l2_normalize(f[jnp.arange(b)[:, None], jnp.clip(p[..., 1], 0, h - 1), jnp.clip(p[..., 0], 0, w - 1)])
+    return pred, sim, matching.descriptors_at(fn(bb, pp, tsne_im), tsne_pts)
 
 
 def silhouette(desc: np.ndarray, runs: int) -> tuple[list[float], np.ndarray, np.ndarray]:
