@@ -8,6 +8,7 @@ from __future__ import annotations
 import ml_collections
 from ml_collections import config_dict
 
+from sce_mae_jax.carb import SPLITS
 from sce_mae_jax.models.vit import DEIT
 
 SIZES = {'t': 'tiny', 's': 'small', 'b': 'base'}
@@ -81,9 +82,11 @@ PROJECTOR_TAU = {64: 1 / 8, 128: 1 / 7, 256: 1 / 7}  # CL's temperatures (method
 
 def carb(size: str, arg: str | None, *, dim: int, eta: float) -> ml_collections.ConfigDict:
     """Stage-2 CARB + LCR on a frozen stage-1 DeiT (method.md §2)."""
-    a = parse_arg(arg, data='synthetic', dim=dim, ablation='none')
+    a = parse_arg(arg, data='synthetic', dim=dim, ablation='none', split='cls')
     if a.ablation not in ABLATIONS:
         raise ValueError(f'unknown ablation {a.ablation!r}; known: {sorted(ABLATIONS)}')
+    if a.split not in SPLITS:
+        raise ValueError(f'unknown split {a.split!r}; known: {list(SPLITS)}')
     c = ml_collections.ConfigDict()
     c.job = 'carb'
     data_fields(c, a.data)
@@ -103,6 +106,8 @@ def carb(size: str, arg: str | None, *, dim: int, eta: float) -> ml_collections.
     c.projector = dict(out_dim=a.dim, hidden=(), kernel_size=1, activation='softmax', softmax_scale=7.0)
     c.carb = dict(
         objective='lcr',     # 'lcr' (SCE-MAE) or 'lead' (LEAD's correspondence-distribution matching)
+        split=a.split,       # attentive split criterion, carb.SPLITS: 'cls' is eq. 1 (docs/ablations.md)
+        prior_images=512,    # split=cls_debiased: training images the per-position CLS prior is estimated on
         eta=eta,             # attentive rate η (eq. 1)
         layer=2,             # clustering after this 0-based block: "after the third encoder layer"
         num_clusters=4,      # K_c

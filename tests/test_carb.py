@@ -548,3 +548,140 @@ def test_eight_devices_match_one():
                           timeout=300, cwd=REPO)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.startswith('OK')
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Split criteria (carb.split): NumPy references, and constructed inputs whose right answer is known.
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def ref_top(scores, eta):
+    b, n = scores.shape
+    n_att = math.ceil(Fraction(str(eta)) * n)
+    out = np.zeros((b, n), bool)
+    for bi in range(b):
+        order = sorted(range(n), key=lambda i: (-scores[bi, i], i))
+        out[bi, order[:n_att]] = True
+    return out
+
+
+def ref_cls_sim(logits):
+    e = np.exp(logits - logits.max(-1, keepdims=True))
+    return (e / e.sum(-1, keepdims=True)).mean(1)
+
+
+def test_top_scores_mask_matches_reference_and_ties():
+    scores = np.random.default_rng(0).integers(0, 4, (3, 40)).astype(np.float32)  # many ties
+    np.testing.assert_array_equal(np.asarray(carb.top_scores_mask(jnp.asarray(scores), 0.2)), ref_top(scores, 0.2))
+
+
+def test_debiased_cls_matches_reference():
+    rng = np.random.default_rng(1)
+    logits = rng.normal(size=(4, 3, 36)).astype(np.float32)
+    prior = ref_cls_sim(rng.normal(size=(16, 3, 36))).mean(0)
+    got = np.asarray(carb.debiased_cls_scores(jnp.asarray(logits), jnp.asarray(prior, jnp.float32)))
+    np.testing.assert_allclose(got, np.log(ref_cls_sim(logits.astype(np.float64)) + 1e-12) - np.log(prior + 1e-12),
+                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(carb.cls_prior(jnp.asarray(logits))), ref_cls_sim(logits).mean(0),
+                               rtol=1e-5)
+
+
+def test_debiased_cls_ignores_a_fixed_position_sink():
+    """A sink on token 0 in every image wins eq. 1; against the prior only the token this image attends to
+    more than usual (a different one per image) is attentive."""
+    rng = np.random.default_rng(2)
+    b, n = 8, 36
+    logits = rng.normal(scale=0.1, size=(b, 2, n)).astype(np.float32)
+    logits[:, :, 0] += 6.0
+    content = rng.choice(np.arange(1, n), b, replace=False)
+    logits[np.arange(b), :, content] += 2.0
+    prior = carb.cls_prior(jnp.asarray(logits))
+    one = 1 / n  # η giving one attentive token
+    assert np.all(np.asarray(carb.top_scores_mask(carb.cls_similarity(jnp.asarray(logits)), one))[:, 0])
+    debiased = np.asarray(carb.top_scores_mask(carb.debiased_cls_scores(jnp.asarray(logits), prior), one))
+    np.testing.assert_array_equal(np.argmax(debiased, axis=1), content)
+
+
+def ref_low_density(tokens, k):
+    b, n, c = tokens.shape
+    out = np.zeros((b, n))
+    for bi in range(b):
+        t = tokens[bi].astype(np.float64)
+        d2 = ((t[:, None] - t[None]) ** 2).sum(-1) / c
+        for i in range(n):
+            out[bi, i] = np.sort(d2[i])[:min(k, n)].mean()
+    return out
+
+
+@pytest.mark.parametrize('k', [1, 5, 50])
+def test_low_density_matches_reference(k):
+    tokens = np.random.default_rng(3).normal(size=(2, 30, 8)).astype(np.float32)
+    np.testing.assert_allclose(np.asarray(carb.low_density_scores(jnp.asarray(tokens), k)),
+                               ref_low_density(tokens, k), rtol=1e-4, atol=1e-5)
+
+
+def _copies_and_one_distinct(grid=6, c=8, seed=4):
+    rng = np.random.default_rng(seed)
+    base = rng.normal(size=c)
+    tokens = np.tile(base, (2, grid * grid, 1)) + rng.normal(scale=0.01, size=(2, grid * grid, c))
+    distinct = np.array([7, 22])  # one token per image unlike all the others
+    tokens[np.arange(2), distinct] = rng.normal(size=(2, c)) * 3
+    return tokens.astype(np.float32), distinct
+
+
+def test_low_density_and_contrast_find_one_distinct_token_among_copies():
+    tokens, distinct = _copies_and_one_distinct()
+    one = 1 / 36
+    for scores in (carb.low_density_scores(jnp.asarray(tokens), 5),
+                   carb.neighbour_contrast_scores(jnp.asarray(tokens), 6, 6)):
+        np.testing.assert_array_equal(np.argmax(np.asarray(carb.top_scores_mask(scores, one)), axis=1), distinct)
+
+
+def ref_contrast(tokens, gh, gw):
+    b, n, c = tokens.shape
+    t = tokens.astype(np.float64)
+    t = t / np.linalg.norm(t, axis=-1, keepdims=True)
+    out = np.zeros((b, n))
+    for bi in range(b):
+        for r in range(gh):
+            for col in range(gw):
+                sims = [t[bi, r * gw + col] @ t[bi, rr * gw + cc]
+                        for rr in range(r - 1, r + 2) for cc in range(col - 1, col + 2)
+                        if (rr, cc) != (r, col) and 0 <= rr < gh and 0 <= cc < gw]
+                out[bi, r * gw + col] = 1 - np.mean(sims)
+    return out
+
+
+def test_neighbour_contrast_matches_reference_on_a_rectangular_grid():
+    tokens = np.random.default_rng(5).normal(size=(2, 4 * 7, 6)).astype(np.float32)
+    np.testing.assert_allclose(np.asarray(carb.neighbour_contrast_scores(jnp.asarray(tokens), 4, 7)),
+                               ref_contrast(tokens, 4, 7), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match='grid'):
+        carb.neighbour_contrast_scores(jnp.asarray(tokens), 5, 5)
+
+
+def test_complementary_masks():
+    masks = carb.complementary_masks(144, 36, seed=3)
+    assert masks.shape == (4, 144)
+    assert np.all(masks.sum(1) == 144 - 36)               # each removes what stage 1 trained to remove
+    assert np.all((1 - masks).sum(0) == 1)                 # visible sets partition the tokens
+    odd = carb.complementary_masks(10, 3)                  # 3 groups of 3, token left over always removed
+    assert odd.shape == (3, 10) and np.all(odd.sum(0) >= 2)
+    with pytest.raises(ValueError):
+        carb.complementary_masks(10, 10)
+
+
+def test_reconstruction_scores_average_over_the_masks_that_removed_the_token():
+    rng = np.random.default_rng(6)
+    masks = carb.complementary_masks(12, 3, seed=0)
+    errors = rng.uniform(size=(4, 2, 12)).astype(np.float32)
+    want = np.zeros((2, 12))
+    for b in range(2):
+        for i in range(12):
+            want[b, i] = np.mean([errors[m, b, i] for m in range(4) if masks[m, i]])
+    np.testing.assert_allclose(np.asarray(carb.reconstruction_scores(jnp.asarray(errors), jnp.asarray(masks))), want,
+                               rtol=1e-6)
+    # the token reconstructed worst whenever it is hidden is the attentive one
+    errors[:, :, 5] += 10 * masks[:, None, 5]
+    top = carb.top_scores_mask(carb.reconstruction_scores(jnp.asarray(errors), jnp.asarray(masks)), 1 / 12)
+    assert np.all(np.asarray(top)[:, 5])

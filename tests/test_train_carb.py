@@ -1,6 +1,7 @@
 """Stage 2 (train/carb.py): the CARB step on a frozen backbone, end to end and piece by piece."""
 import functools
 import importlib.util
+import json
 import os
 
 import jax
@@ -11,6 +12,7 @@ import pytest
 from conftest import REPO, TINY_MODEL, losses, run_main
 from sce_mae_jax import carb
 from sce_mae_jax.config_lib import ABLATIONS
+from sce_mae_jax.data import pipeline
 from sce_mae_jax.models.vit import ViT
 from sce_mae_jax.train import carb as carb_train
 from sce_mae_jax.train import common
@@ -167,3 +169,84 @@ def test_step_does_no_backward_pass_through_the_backbone():
     step_flops = flops(step.lower(state, backbone, batch).compile())
     forward_flops = flops(jax.jit(lambda p, x: vit.apply({'params': p}, x)).lower(backbone, images).compile())
     assert forward_flops < step_flops < 1.4 * forward_flops, (step_flops, forward_flops)
+
+
+# ---------------------------------------------------------------------------------------------- the split
+def _tiny_mae_and_params(vit, seed=2):
+    from sce_mae_jax.models.mae import MAE
+
+    mae = MAE(vit.embed_dim, vit.depth, vit.num_heads, vit.mlp_ratio, vit.patch_size, vit.image_size,
+              decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2)
+    params = mae.init(jax.random.PRNGKey(seed), jnp.zeros((1, 96, 96, 3)), noise=jnp.zeros((1, 144)))['params']
+    return mae, params
+
+
+@pytest.mark.parametrize('split', carb.SPLITS)
+def test_every_split_runs_one_step(split):
+    config = _config(f'split={split}', batch_size=2)
+    vit, backbone, _ = _backbone_and_images()
+    mae, aux = None, {}
+    if split == 'recon':
+        mae, mae_params = _tiny_mae_and_params(vit)
+        backbone, aux = mae_params['encoder'], {'decoder': {k: v for k, v in mae_params.items() if k != 'encoder'}}
+    elif split == 'cls_debiased':
+        aux = {'prior': jnp.full((144,), 1 / 144)}
+    encoder, projector, tx, schedule, _ = carb_train.build(config, 100)
+    state = carb_train.init_state(projector, tx, 0, 144, 48)
+    batch = {'image': jnp.asarray(np.random.default_rng(0).integers(0, 255, (2, 96, 96, 3)), jnp.uint8)}
+    step = jax.jit(functools.partial(carb_train.train_step, encoder=encoder, projector=projector, tx=tx,
+                                     schedule=schedule, config=config, mae=mae))
+    _, metrics = step(state, backbone, batch, aux)
+    assert np.isfinite(float(metrics['loss'])) and float(metrics['num_selected']) == 15 + 4
+    feats = carb_train.carb_features(backbone, pipeline.normalize(batch['image']), encoder=encoder, cc=config.carb,
+                                     split_aux=aux, mae=mae)
+    assert np.all(np.asarray(feats['attentive']).sum(1) == 15)
+
+
+def test_reconstruction_errors_are_the_maes_own_loss_under_each_mask():
+    """Putting a mask's visible tokens first in the noise makes the MAE keep exactly those: its loss under that
+    noise is the mean of our per-patch errors over the removed tokens."""
+    vit, _, images = _backbone_and_images()
+    mae, params = _tiny_mae_and_params(vit)
+    masks = carb.complementary_masks(144, 36)
+    errors = carb_train.reconstruction_errors(mae, params, images, masks)
+    assert errors.shape == (4, 2, 144)
+    for m in range(4):
+        loss, _, used = mae.apply({'params': params}, images, noise=jnp.broadcast_to(masks[m], (2, 144)))
+        np.testing.assert_array_equal(np.asarray(used), np.broadcast_to(masks[m], (2, 144)))
+        want = float(np.sum(np.asarray(errors[m]) * masks[m]) / np.sum(np.broadcast_to(masks[m], (2, 144))))
+        np.testing.assert_allclose(float(loss), want, rtol=1e-5)
+
+
+@pytest.mark.parametrize('split', ['cls_debiased', 'recon'])
+def test_split_inputs_are_stored_and_reused_on_resume(stage1, tmp_path, split):
+    common_args = ['--config=configs/carb_deit_t.py:split=' + split, *BACKBONE, f'--config.init_from={stage1}',
+                   '--config.batch_size=8', '--config.log_every=1', '--config.figure_every=0',
+                   '--config.carb.prior_images=16', f'--workdir={tmp_path}']
+    run_main([*common_args, '--config.total_steps=2', '--config.checkpoint_every=1'])
+    meta = json.loads((tmp_path / 'split' / 'split.json').read_text())
+    assert meta['split'] == split
+    first = common.restore_tree(str(tmp_path / 'split' / 'aux'))
+    if split == 'cls_debiased':
+        assert meta['prior_images'] == 16 and first['prior'].shape == (144,)
+        np.testing.assert_allclose(first['prior'].sum(), 1.0, rtol=1e-5)
+    else:
+        assert meta['model']['decoder_depth'] == 1 and 'decoder_pred' in first['decoder']
+    run_main([*common_args, '--config.total_steps=3', '--config.checkpoint_every=1'])  # resumes at step 2
+    again = common.restore_tree(str(tmp_path / 'split' / 'aux'))
+    for a, b in zip(jax.tree.leaves(first), jax.tree.leaves(again)):
+        np.testing.assert_array_equal(a, b)
+    assert sorted(losses(tmp_path)) == [1, 2, 3]
+    other = 'cls_debiased' if split == 'recon' else 'recon'
+    proc = run_main([*common_args, f'--config.carb.split={other}', '--config.total_steps=4'], check=False)
+    assert proc.returncode != 0 and f'was trained with carb.split={split}' in proc.stderr
+    assert 'Traceback' not in proc.stderr
+
+
+def test_recon_split_without_a_decoder_is_a_clear_error(tmp_path):
+    proc = run_main(['--config=configs/carb_deit_t.py:split=recon', *BACKBONE, '--config.init_from=random_init',
+                     f'--workdir={tmp_path}', '--config.total_steps=1'], check=False)
+    assert proc.returncode != 0 and 'split=recon needs the stage-1 MAE decoder' in proc.stderr
+    assert 'Traceback' not in proc.stderr
+    proc = run_main(['--config=configs/carb_deit_t.py:split=nope', f'--workdir={tmp_path}'], check=False)
+    assert proc.returncode != 0 and 'unknown split' in proc.stderr

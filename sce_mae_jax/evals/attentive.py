@@ -1,13 +1,15 @@
 """Do attentive tokens cover the landmarks? (paper 001 §3.2's premise, supplementary Fig. S1)
 
     python -m sce_mae_jax.evals.attentive --init_from=<stage-1 workdir> [--eta=0.1 --num_images=128]
+    python -m sce_mae_jax.evals.attentive --init_from=<stage-1 workdir> --splits=all [--block=2]
 
 For every block, the share of attentive tokens (eq. 1 on that block's CLS attention) whose 8x8 cell holds at
 least one ground-truth landmark, next to the share of all tokens that do (the chance level), and how much the
 split depends on position rather than content: the share of attentive tokens that sit on the grid cells most
 often attentive over the images (1.0: the same cells in every image, whatever the face). Uses the synthetic
 faces' 68 points, or a real dataset's landmarks with --data. `--untrained` runs the same model freshly
-initialised, the baseline a trained backbone should beat.
+initialised, the baseline a trained backbone should beat. `--splits` compares the split criteria of
+`carb.split` (carb.SPLITS) at one block, each computed as stage 2 computes it.
 """
 from __future__ import annotations
 
@@ -56,26 +58,77 @@ def _cls_logits(encoder):
     return jax.jit(lambda p, x: encoder.apply({'params': p}, x, capture=tuple(range(encoder.depth)))['cls_logits'])
 
 
-def premise(encoder, params, images_uint8, landmarks, eta: float, recall_landmarks=None) -> dict[str, dict]:
-    """Per block: `coverage` (attentive tokens on a landmark cell), `chance`, `recall` (landmark cells that are
-    attentive) and `concentration` (attentive tokens on the most often attentive cells) of eq. 1's split, for
-    uint8 (B, H, W, 3) images with (B, L, 2) landmarks in their frame; recall over `recall_landmarks` (the 5
-    MAFL points) when given. What the evaluation report shows for every backbone row; the CLI below prints the
-    same for a workdir."""
-    from sce_mae_jax.data import pipeline
+def split_stats(attentive, on_landmark, on_recall) -> dict[str, float]:
+    """`coverage` (attentive tokens on a landmark cell), `chance`, `recall` (the `on_recall` cells that are
+    attentive) and `concentration` (attentive tokens on the most often attentive cells) of one (B, N) split."""
+    coverage, chance = attentive_coverage(attentive, on_landmark)
+    return {'coverage': coverage, 'chance': chance, 'recall': landmark_recall(attentive, on_recall),
+            'concentration': position_concentration(attentive)}
 
-    images = pipeline.normalize(jnp.asarray(images_uint8))
+
+def _landmark_cells(encoder, landmarks, recall_landmarks):
     on_lm = landmark_tokens(jnp.asarray(landmarks), encoder.grid, encoder.patch_size)
     on_recall = on_lm if recall_landmarks is None else landmark_tokens(jnp.asarray(recall_landmarks), encoder.grid,
                                                                         encoder.patch_size)
-    logits = _cls_logits(encoder)(params, images)
-    out = {}
-    for block in range(encoder.depth):
-        attentive = carb.attentive_mask(logits[block], eta)
-        coverage, chance = attentive_coverage(attentive, on_lm)
-        out[str(block)] = {'coverage': coverage, 'chance': chance, 'recall': landmark_recall(attentive, on_recall),
-                           'concentration': position_concentration(attentive)}
-    return out
+    return on_lm, on_recall
+
+
+def premise(encoder, params, images_uint8, landmarks, eta: float, recall_landmarks=None) -> dict[str, dict]:
+    """Per block, `split_stats` of eq. 1's split, for uint8 (B, H, W, 3) images with (B, L, 2) landmarks in
+    their frame; recall over `recall_landmarks` (the 5 MAFL points) when given. What the evaluation report shows
+    for every backbone row; the CLI below prints the same for a workdir."""
+    from sce_mae_jax.data import pipeline
+
+    on_lm, on_recall = _landmark_cells(encoder, landmarks, recall_landmarks)
+    logits = _cls_logits(encoder)(params, pipeline.normalize(jnp.asarray(images_uint8)))
+    return {str(block): split_stats(carb.attentive_mask(logits[block], eta), on_lm, on_recall)
+            for block in range(encoder.depth)}
+
+
+def split_premise(encoder, params, images_uint8, landmarks, eta: float, recall_landmarks=None, *, split: str,
+                  block: int, split_aux=None, mae=None, density_k: int = 5, batch_size: int = 64) -> dict:
+    """`split_stats` of criterion `split` (carb.SPLITS) at `block`, computed as stage 2 computes it
+    (`train.carb.split_scores`; `split_aux`/`mae` from `train.carb.prepare_split`'s counterparts)."""
+    from sce_mae_jax.data import pipeline
+    from sce_mae_jax.train.carb import split_scores
+
+    @jax.jit
+    def attentive_of(p, aux, im):
+        out = encoder.apply({'params': p}, im, capture=(block,))
+        scores = split_scores(split, logits=out['cls_logits'][block], tokens=out['layers'][block], encoder=encoder,
+                              density_k=density_k, images=im, backbone=p, aux=aux, mae=mae)
+        return carb.top_scores_mask(scores, eta)
+
+    images = pipeline.normalize(jnp.asarray(images_uint8))
+    attentive = np.concatenate([np.asarray(attentive_of(params, split_aux or {}, images[i:i + batch_size]))
+                                for i in range(0, len(images), batch_size)])
+    return split_stats(attentive, *_landmark_cells(encoder, landmarks, recall_landmarks))
+
+
+def split_inputs(split: str, *, init_from: str, encoder, params, block: int, data: str, prior_images: int,
+                 source_kwargs: dict):
+    """(split_aux, mae) for the diagnostic, made as stage 2 makes them (`train.carb.prepare_split`): the
+    cls_debiased prior from the first `prior_images` pretrain images of `data`, recon's decoder from
+    `init_from`."""
+    import ml_collections
+
+    from sce_mae_jax.data.sources import get_source
+    from sce_mae_jax.models.mae import MAE
+    from sce_mae_jax.train import carb as carb_train
+    from sce_mae_jax.train import common
+
+    if split == 'cls_debiased':
+        mesh = common.make_mesh()
+        src = get_source(data if data.startswith('synthetic') else 'celeba', 'pretrain', **source_kwargs)
+        prior = carb_train.estimate_cls_prior(common.replicate(params, mesh), src, encoder=encoder, layer=block,
+                                              num_images=prior_images, batch_size=32, mesh=mesh)
+        return {'prior': prior}, None
+    if split == 'recon':
+        decoder, fields = carb_train.stage1_decoder(ml_collections.ConfigDict({'init_from': init_from}))
+        mae = MAE(encoder.embed_dim, encoder.depth, encoder.num_heads, encoder.mlp_ratio, encoder.patch_size,
+                  encoder.image_size, **fields)
+        return {'decoder': decoder}, mae
+    return {}, None
 
 
 def main(argv):
@@ -97,7 +150,8 @@ def main(argv):
     else:
         params = load_params(f.init_from)
         params = params.get('encoder', params)
-    src = get_source(f.data, f.split, manual_dir=f.manual_dir or None, data_dir=f.data_dir or None)
+    source_kwargs = dict(manual_dir=f.manual_dir or None, data_dir=f.data_dir or None)
+    src = get_source(f.data, f.split, **source_kwargs)
     crop = pipeline.eval_transform(encoder.image_size)
     items = [src[i] for i in range(f.num_images)]  # each read (or rendered) once
     key = 'landmarks68' if 'landmarks68' in items[0] else 'landmarks'
@@ -105,10 +159,30 @@ def main(argv):
     five = [crop({'image': item['image'], 'landmarks': item['landmarks']})['landmarks'] for item in items]
     images = np.stack([e['image'] for e in examples])
     landmarks = np.stack([e['landmarks'] for e in examples])
-    for block, v in premise(encoder, params, images, landmarks, f.eta, np.stack(five)).items():
-        print(f'block {block}: {100 * v["coverage"]:.1f}% of attentive tokens hold a landmark (chance '
-              f'{100 * v["chance"]:.1f}%); {100 * v["recall"]:.0f}% of landmark cells attentive; '
-              f'{100 * v["concentration"]:.0f}% sit on the most often attentive cells')
+    line = lambda v: (f'{100 * v["coverage"]:.1f}% of attentive tokens hold a landmark (chance '
+                      f'{100 * v["chance"]:.1f}%); {100 * v["recall"]:.0f}% of landmark cells attentive; '
+                      f'{100 * v["concentration"]:.0f}% sit on the most often attentive cells')
+    if not f.splits:
+        for block, v in premise(encoder, params, images, landmarks, f.eta, np.stack(five)).items():
+            print(f'block {block}: {line(v)}')
+        return
+    splits = carb.SPLITS if f.splits == 'all' else tuple(f.splits.split(','))
+    unknown = [s for s in splits if s not in carb.SPLITS]
+    if unknown:
+        raise SystemExit(f'--splits: unknown {unknown}; known: {", ".join(carb.SPLITS)} or all')
+    results = {}
+    for split in splits:
+        if split == 'recon' and f.untrained:
+            print('recon: skipped (--untrained has no stage-1 decoder)')
+            continue
+        aux, mae = split_inputs(split, init_from=f.init_from, encoder=encoder, params=params, block=f.block,
+                                data=f.data, prior_images=f.prior_images, source_kwargs=source_kwargs)
+        results[split] = split_premise(encoder, params, images, landmarks, f.eta, np.stack(five), split=split,
+                                       block=f.block, split_aux=aux, mae=mae)
+        print(f'{split} (block {f.block}): {line(results[split])}')
+    if f.output:
+        with open(f.output, 'w') as fh:
+            json.dump({'block': f.block, 'eta': f.eta, 'num_images': f.num_images, 'splits': results}, fh, indent=2)
 
 
 if __name__ == '__main__':
@@ -123,5 +197,10 @@ if __name__ == '__main__':
     flags.DEFINE_string('split', 'test', 'Split.')
     flags.DEFINE_string('manual_dir', '', 'Raw files of a real dataset.')
     flags.DEFINE_string('data_dir', '', 'Prepared TFDS datasets.')
+    flags.DEFINE_string('splits', '', 'Split criteria to compare at --block (comma-separated, or all); empty: '
+                        'eq. 1 at every block.')
+    flags.DEFINE_integer('block', 2, 'Block of the --splits comparison (stage 2 clusters after block 2).')
+    flags.DEFINE_integer('prior_images', 512, 'Pretrain images of the cls_debiased prior.')
+    flags.DEFINE_string('output', '', 'Write the --splits comparison to this JSON file.')
     flags.mark_flags_as_required(['init_from'])
     app.run(main)

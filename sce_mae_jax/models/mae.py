@@ -34,16 +34,20 @@ def random_masking_ids(noise: jax.Array, mask_ratio: float):
     return ids_shuffle[:, :keep], ids_restore, mask
 
 
-def reconstruction_loss(target_patches, pred, mask, norm_pix_loss: bool):
-    """Per-patch MSE averaged over removed patches; with norm_pix_loss the target is normalised per patch
-    with the *unbiased* variance (torch.var's default), eps 1e-6."""
+def patch_errors(target_patches, pred, norm_pix_loss: bool):
+    """(batch, N) per-patch MSE; with norm_pix_loss the target is normalised per patch with the *unbiased*
+    variance (torch.var's default), eps 1e-6."""
     target = target_patches.astype(jnp.float32)
     if norm_pix_loss:
         mean = target.mean(-1, keepdims=True)
         var = target.var(-1, keepdims=True, ddof=1)
         target = (target - mean) / jnp.sqrt(var + 1e-6)
-    per_patch = jnp.mean((pred.astype(jnp.float32) - target) ** 2, axis=-1)
-    return jnp.sum(per_patch * mask) / jnp.sum(mask)
+    return jnp.mean((pred.astype(jnp.float32) - target) ** 2, axis=-1)
+
+
+def reconstruction_loss(target_patches, pred, mask, norm_pix_loss: bool):
+    """Per-patch MSE (`patch_errors`) averaged over removed patches."""
+    return jnp.sum(patch_errors(target_patches, pred, norm_pix_loss) * mask) / jnp.sum(mask)
 
 
 class MAE(nn.Module):

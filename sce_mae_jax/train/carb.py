@@ -10,7 +10,9 @@ part of the trained state, and is written once to `workdir/backbone` so the work
 from __future__ import annotations
 
 import functools
+import json
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -22,9 +24,46 @@ from absl import logging
 from sce_mae_jax import carb, figures
 from sce_mae_jax.data import pipeline
 from sce_mae_jax.models.heads import PROJECTOR_ACTIVATIONS, Projector
-from sce_mae_jax.models.mae import RANDOM_INIT, encoder_from_model_config, random_encoder_params
-from sce_mae_jax.models.vit import ViT
+from sce_mae_jax.models.mae import MAE, RANDOM_INIT, encoder_from_model_config, patch_errors, random_encoder_params
+from sce_mae_jax.models.vit import ViT, patchify
 from sce_mae_jax.train import common, optim
+
+
+# ---------------------------------------------------------------------------------------------- the split
+def reconstruction_errors(mae: MAE, params, images, masks) -> jax.Array:
+    """(M, B, N) per-patch error of the frozen stage-1 MAE under each of the M static `masks` (1 = removed):
+    each mask's visible tokens are put first in the noise order, so the MAE keeps exactly those."""
+    target = patchify(images, mae.patch_size)
+
+    def one(mask):
+        _, pred, _ = mae.apply({'params': params}, images, noise=jnp.broadcast_to(mask, images.shape[:1] + mask.shape))
+        return patch_errors(target, pred, mae.norm_pix_loss)
+
+    return jax.lax.map(one, jnp.asarray(masks))
+
+
+def split_scores(split: str, *, logits, tokens, encoder: ViT, density_k: int = 5, images=None, backbone=None,
+                 aux=None, mae: MAE | None = None) -> jax.Array:
+    """(B, N) scores of the criterion `split` (carb.SPLITS); the top ceil(η·N) are the attentive tokens.
+
+    logits (B, heads, N) CLS logits and tokens (B, N, C) patch tokens of one block (the clustering block in
+    stage 2; any block in the diagnostic); `recon` reads the images instead, through the frozen MAE (`mae`,
+    parameters {'encoder': backbone, **aux['decoder']}); `cls_debiased` reads aux['prior'].
+    """
+    if split == 'cls':
+        return carb.cls_similarity(logits)
+    if split == 'cls_debiased':
+        return carb.debiased_cls_scores(logits, aux['prior'])
+    if split == 'density':
+        return carb.low_density_scores(tokens, density_k)
+    if split == 'contrast':
+        return carb.neighbour_contrast_scores(tokens, encoder.grid, encoder.grid)
+    if split == 'recon':
+        # as many visible tokens as the MAE keeps (models/mae.py's int(N·(1 − ratio))), so it sees what it trained on
+        masks = carb.complementary_masks(encoder.num_patches, int(encoder.num_patches * (1 - mae.mask_ratio)))
+        errors = reconstruction_errors(mae, {'encoder': backbone, **aux['decoder']}, images, masks)
+        return carb.reconstruction_scores(errors, masks)
+    raise ValueError(f'carb.split must be one of {carb.SPLITS}, got {split!r}')
 
 
 # ---------------------------------------------------------------------------------------------- CARB forward
@@ -35,8 +74,9 @@ def selected_size(cc, num_tokens: int) -> int:
     return min(num_tokens, carb.num_attentive(cc.eta, num_tokens) + cc.num_clusters)
 
 
-def carb_features(backbone, images, *, encoder: ViT, cc) -> dict:
-    """Frozen backbone features with CARB's token selection (paper 001 §3.2–3.3).
+def carb_features(backbone, images, *, encoder: ViT, cc, split_aux=None, mae: MAE | None = None) -> dict:
+    """Frozen backbone features with CARB's token selection (paper 001 §3.2–3.3), the attentive split by
+    `cc.split` (eq. 1 for 'cls'; `split_aux` and `mae` as `split_scores` needs them, from `prepare_split`).
 
     Returns `tokens` (B, N, C) the map fed to the projector (inattentive tokens replaced by their centre's
     feature unless clustering is off), `raw` (B, N, C) the unsubstituted final features, `attentive` and
@@ -48,7 +88,9 @@ def carb_features(backbone, images, *, encoder: ViT, cc) -> dict:
     p = {'params': backbone}
     x = encoder.apply(p, images, method=lambda m, im: m.prepend_cls(m.embed(im)))
     x, outs, logits = encoder.apply(p, x, 0, layer + 1, None, (layer,), method=ViT.blocks_forward)
-    attentive = carb.attentive_mask(logits[layer], cc.eta)
+    scores = split_scores(cc.get('split', 'cls'), logits=logits[layer], tokens=outs[layer][:, 1:], encoder=encoder,
+                          density_k=cc.density_k, images=images, backbone=backbone, aux=split_aux, mae=mae)
+    attentive = carb.top_scores_mask(scores, cc.eta)
     if not cc.clustering:
         x, _, _ = encoder.apply(p, x, layer + 1, None, method=ViT.blocks_forward)
         final = encoder.apply(p, x, method=ViT.final_norm)[:, 1:]
@@ -108,6 +150,11 @@ def validate(config) -> None:
         problems.append(f'carb.eta={cc.eta} must be in [0, 1]')
     if not 1 <= cc.num_clusters <= n:
         problems.append(f'carb.num_clusters={cc.num_clusters} must be in 1..{n}')
+    if cc.get('split', 'cls') not in carb.SPLITS:
+        problems.append(f'carb.split={cc.split!r} must be one of {carb.SPLITS}')
+    if cc.get('split') == 'recon' and config.init_from == RANDOM_INIT:
+        problems.append('carb.split=recon needs the stage-1 MAE decoder, which init_from=random_init does not have; '
+                        'use another split for the random_init control')
     if cc.mode not in ('A', 'B'):
         problems.append(f"carb.mode={cc.mode!r} must be 'A' or 'B'")
     if cc.objective not in ('lcr', 'lead'):
@@ -132,18 +179,23 @@ def build(config, dataset_len: int):
     return encoder, projector, tx, schedule, total
 
 
-def state_and_step(config, mesh, dataset_len: int):
-    """The replicated initial projector state and the step jitted over `mesh` (the backbone a replicated
-    argument, the batch on `data`, the state donated): what training runs and what `bench.py` times.
-    Returns (encoder, total_steps, state, state_sharding, step) with `step(state, backbone, batch)`."""
+def state_and_step(config, mesh, dataset_len: int, mae: MAE | None = None):
+    """The replicated initial projector state and the step jitted over `mesh` (the backbone and the split's
+    inputs replicated arguments, the batch on `data`, the state donated): what training runs and what `bench.py`
+    times. Returns (encoder, total_steps, state, state_sharding, step) with
+    `step(state, backbone, batch, split_aux=None)` (`prepare_split`; `mae` the frozen MAE of split=recon)."""
     repl, data_sh = common.replicated(mesh), common.data_sharded(mesh)
     encoder, projector, tx, schedule, total_steps = build(config, dataset_len)
     init = functools.partial(init_state, projector, tx, config.seed, encoder.num_patches, encoder.embed_dim)
     state_sh = jax.tree.map(lambda _: repl, jax.eval_shape(init))
     state = jax.jit(init, out_shardings=state_sh)()
-    step = jax.jit(functools.partial(train_step, encoder=encoder, projector=projector, tx=tx, schedule=schedule,
-                                     config=config),
-                   in_shardings=(state_sh, repl, data_sh), out_shardings=(state_sh, repl), donate_argnums=0)
+    jitted = jax.jit(functools.partial(train_step, encoder=encoder, projector=projector, tx=tx, schedule=schedule,
+                                       config=config, mae=mae),
+                     in_shardings=(state_sh, repl, data_sh, repl), out_shardings=(state_sh, repl), donate_argnums=0)
+
+    def step(state, backbone, batch, split_aux=None):
+        return jitted(state, backbone, batch, split_aux or {})
+
     return encoder, total_steps, state, state_sh, step
 
 
@@ -154,10 +206,12 @@ def init_state(projector, tx, seed: int, num_tokens: int, width: int):
             'rng': jax.random.fold_in(rng, 2)}
 
 
-def train_step(state, backbone, batch, *, encoder, projector, tx, schedule, config):
-    """One projector update. `backbone` is an argument, read only: its forward runs outside `value_and_grad`."""
+def train_step(state, backbone, batch, split_aux=None, *, encoder, projector, tx, schedule, config, mae=None):
+    """One projector update. `backbone` and `split_aux` are arguments, read only: their forward runs outside
+    `value_and_grad`."""
     images = pipeline.normalize(batch['image'], encoder.dtype)
-    feats = jax.lax.stop_gradient(carb_features(backbone, images, encoder=encoder, cc=config.carb))
+    feats = jax.lax.stop_gradient(carb_features(backbone, images, encoder=encoder, cc=config.carb,
+                                                split_aux=split_aux, mae=mae))
     positions = carb.token_positions(encoder.grid, encoder.grid, encoder.patch_size)
     loss_fn = functools.partial(stage2_loss, projector=projector, config=config, positions=positions)
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state['params'], feats)
@@ -196,6 +250,110 @@ def load_backbone(config, workdir: str, expected, encoder=None) -> dict:
     return params
 
 
+# ---------------------------------------------------------------------------------------------- split I/O
+SPLIT_DIR = 'split'
+MAE_FIELDS = ('decoder_embed_dim', 'decoder_depth', 'decoder_num_heads', 'mask_ratio', 'norm_pix_loss')
+
+
+class _First:
+    """The first n items of a random-access source."""
+
+    def __init__(self, source, n: int):
+        self.source, self.n = source, min(n, len(source))
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        return self.source[i]
+
+
+def estimate_cls_prior(backbone, source, *, encoder: ViT, layer: int, num_images: int, batch_size: int,
+                       mesh) -> np.ndarray:
+    """(N,) mean CLS similarity (eq. 1) at `layer` over the first `num_images` of `source` (centre crop, no
+    flip): the prior of split=cls_debiased. One jitted reduction over the mesh, the last batch masked."""
+    repl, data_sh = common.replicated(mesh), common.data_sharded(mesh)
+
+    def sums(bb, batch):
+        images = pipeline.normalize(batch['image'], encoder.dtype)
+        logits = encoder.apply({'params': bb}, images, capture=(layer,))['cls_logits'][layer]
+        w = batch['_mask'].astype(jnp.float32)
+        return jnp.sum(carb.cls_similarity(logits) * w[:, None], axis=0), jnp.sum(w)
+
+    fn = jax.jit(sums, in_shardings=(repl, data_sh), out_shardings=repl)
+    it, num_batches = pipeline.eval_iterator(_First(source, num_images), global_batch=batch_size,
+                                             transform=pipeline.eval_transform(encoder.image_size))
+    total, count = 0.0, 0.0
+    for _ in range(num_batches):
+        local = next(it)
+        s, c = fn(backbone, common.global_batch({'image': local['image'], '_mask': local['_mask']}, data_sh))
+        total, count = total + np.asarray(s), count + float(c)
+    return (total / max(count, 1.0)).astype(np.float32)
+
+
+def stage1_decoder(config) -> tuple[dict, dict]:
+    """(decoder parameters, MAE model fields) of the stage-1 MAE in `init_from`, for split=recon."""
+    params = common.load_params(config.init_from)
+    decoder = {k: v for k, v in params.items() if k != 'encoder'}
+    cfg_path = os.path.join(os.path.abspath(os.path.expanduser(config.init_from)), 'config.json')
+    if 'encoder' not in params or not decoder or not os.path.exists(cfg_path):
+        raise common.ConfigError(f'carb.split=recon needs the stage-1 MAE decoder and its config.json in '
+                                 f'init_from={config.init_from} (a stage-1 workdir); this one has '
+                                 f'{"no decoder" if not decoder else "no config.json"}; choose another carb.split')
+    with open(cfg_path) as f:
+        model = json.load(f)['model']
+    missing = [k for k in MAE_FIELDS if k not in model]
+    if missing:
+        raise common.ConfigError(f'{cfg_path} lacks the MAE fields {missing}: is init_from a stage-1 workdir?')
+    return decoder, {k: model[k] for k in MAE_FIELDS}
+
+
+def prepare_split(config, workdir: str, source, *, encoder: ViT, backbone, mesh) -> tuple[dict, MAE | None]:
+    """What the attentive split reads besides the backbone, made once and kept in `workdir/split` so that a
+    resumed run splits exactly as the first did: cls_debiased's per-position prior (from the first
+    `carb.prior_images` training images) or recon's stage-1 decoder. → (split_aux replicated, frozen MAE or None);
+    ({}, None) for the criteria that need nothing."""
+    cc = config.carb
+    split = cc.get('split', 'cls')
+    if split not in ('cls_debiased', 'recon'):
+        return {}, None
+    path = os.path.join(os.path.abspath(workdir), SPLIT_DIR)
+    meta_path, aux_path = os.path.join(path, 'split.json'), os.path.join(path, 'aux')
+    if os.path.exists(meta_path):
+        with open(meta_path) as f:
+            meta = json.load(f)
+        if meta['split'] != split:
+            raise common.ConfigError(f'{workdir} was trained with carb.split={meta["split"]}, not {split}; '
+                                     'use a new workdir to change the split')
+        aux = common.restore_tree(aux_path)
+    else:
+        if split == 'cls_debiased':
+            aux = {'prior': estimate_cls_prior(backbone, source, encoder=encoder, layer=cc.layer,
+                                               num_images=cc.prior_images, batch_size=config.batch_size, mesh=mesh)}
+            meta = {'split': split, 'prior_images': min(cc.prior_images, len(source)), 'layer': cc.layer}
+            logging.info('split=cls_debiased: CLS prior at block %d from %d images (max/mean %.1f)', cc.layer,
+                         meta['prior_images'], aux['prior'].max() / aux['prior'].mean())
+        else:
+            decoder, model = stage1_decoder(config)
+            aux, meta = {'decoder': decoder}, {'split': split, 'model': model, 'init_from': config.init_from}
+        aux = jax.tree.map(lambda a: np.asarray(a, np.float32), aux)
+        if jax.process_index() == 0 and os.path.exists(aux_path):
+            shutil.rmtree(aux_path)  # left by a run stopped before split.json, the commit mark, was written
+        ckptr = ocp.StandardCheckpointer()
+        ckptr.save(aux_path, aux)
+        ckptr.wait_until_finished()
+        if jax.process_index() == 0:
+            with open(meta_path + '.tmp', 'w') as f:
+                json.dump(meta, f, indent=2)
+            os.replace(meta_path + '.tmp', meta_path)
+    mae = None
+    if split == 'recon':
+        m = config.model
+        mae = MAE(m.embed_dim, m.depth, m.num_heads, m.mlp_ratio, m.patch_size, m.image_size, **meta['model'],
+                  dtype=m.get('dtype', 'float32'))
+    return common.replicate(aux, mesh), mae
+
+
 # ---------------------------------------------------------------------------------------------- loop
 def train(config, workdir: str) -> dict:
     from sce_mae_jax.data.sources import get_source
@@ -220,24 +378,27 @@ def train(config, workdir: str) -> dict:
     it = pipeline.train_iterator(source, global_batch=config.batch_size, seed=config.seed, transform=transform,
                                  num_workers=config.input.workers)
 
-    encoder, total_steps, state, state_sh, step = state_and_step(config, mesh, len(source))
+    encoder = encoder_from_model_config(config.model)
     expected = jax.eval_shape(encoder.init, jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3)))['params']
     backbone = common.replicate(load_backbone(config, workdir, expected, encoder), mesh)
+    split_aux, mae = prepare_split(config, workdir, source, encoder=encoder, backbone=backbone, mesh=mesh)
+    encoder, total_steps, state, state_sh, step = state_and_step(config, mesh, len(source), mae=mae)
     logging.info('frozen backbone %s parameters; projector %s', f'{common.tree_size(backbone):,}',
                  f'{common.tree_size(state["params"]):,}')
 
     # Returns the images too, replicated, so every process can fetch them; all processes join the call.
-    clusters_fn = jax.jit(lambda bb, im: (im, carb_features(bb, pipeline.normalize(im, encoder.dtype), encoder=encoder,
-                                                            cc=config.carb)['cluster_id']), out_shardings=repl)
+    clusters_fn = jax.jit(lambda bb, aux, im: (im, carb_features(bb, pipeline.normalize(im, encoder.dtype),
+                                                                 encoder=encoder, cc=config.carb, split_aux=aux,
+                                                                 mae=mae)['cluster_id']), out_shardings=repl)
 
     def figure_fn(step_num, state, batch):
-        images, cid = clusters_fn(backbone, batch['image'][:8])
+        images, cid = clusters_fn(backbone, split_aux, batch['image'][:8])
         if jax.process_index() == 0:
             os.makedirs(os.path.join(workdir, 'figures'), exist_ok=True)
             figures.save_cluster_png(os.path.join(workdir, 'figures', f'clusters_{step_num:07d}.png'),
                                      np.asarray(images), np.asarray(cid), encoder.patch_size)
 
     out = common.train_loop(config, workdir, state=state, state_sharding=state_sh,
-                            step_fn=lambda s, b: step(s, backbone, b), data_iter=it, batch_sharding=data_sh,
+                            step_fn=lambda s, b: step(s, backbone, b, split_aux), data_iter=it, batch_sharding=data_sh,
                             total_steps=total_steps, figure_fn=figure_fn)
     return {**out, 'backbone': backbone}
