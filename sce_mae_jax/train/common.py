@@ -19,9 +19,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-
-class ConfigError(ValueError):
-    """A user-facing problem with the config, workdir or a checkpoint; the message says how to fix it."""
+from sce_mae_jax.errors import ConfigError  # noqa: F401  (re-exported: jobs raise common.ConfigError)
 
 
 # ---------------------------------------------------------------------------------------------- mesh & batches
