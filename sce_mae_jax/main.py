@@ -52,7 +52,9 @@ def main(argv):
     logging.info('job %s on %d devices, %d processes; config:\n%s', job, jax.device_count(), jax.process_count(),
                  config)
     try:
-        jobs.run(config, FLAGS.workdir)
+        from sce_mae_jax.train import common
+        with common.workdir_lock(FLAGS.workdir):  # a second run on this workdir stops here
+            jobs.run(config, FLAGS.workdir)
     except user_errors() as e:
         logging.error('%s', e)
         sys.exit(f'error: {e}')
