@@ -1,6 +1,7 @@
 """Run safety of the shared train loop (train/common.py): non-finite steps, corrupt checkpoints, a second run on
 one workdir, a full disk. A toy regression keeps each run to a second; the loop is the trainers' own."""
 import errno
+import logging
 import json
 import os
 import shutil
@@ -204,3 +205,9 @@ def test_main_refuses_a_workdir_in_use(tmp_path, tiny_pretrain_args):
         other.wait()
     assert proc.returncode != 0 and f'in use by pid {other.pid}' in proc.stderr.strip().splitlines()[-1]
     assert 'Traceback' not in proc.stderr and not os.path.exists(tmp_path / 'config.json')
+
+
+def test_start_logs_the_parameter_table(tmp_path, caplog):
+    with caplog.at_level(logging.INFO):
+        _run(tmp_path, total_steps=1)
+    assert 'trained parameters:' in caplog.text and '| w    | (4,)' in caplog.text and 'Total: 4' in caplog.text

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+from clu import parameter_overview
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from sce_mae_jax.errors import ConfigError, RunStopped  # noqa: F401  (re-exported: jobs raise common.*)
@@ -269,6 +270,9 @@ def train_loop(config, workdir: str, *, state, state_sharding, step_fn, data_ite
             restored = restore_latest(mngr, abstract_like(state, state_sharding), data_iter, workdir)
             state = state if restored is None else restored
             writer = MetricWriter(workdir)
+            # shapes only: statistics would copy every parameter to the host (and span hosts on a pod)
+            parameter_overview.log_parameter_overview(state['params'], include_stats=False, jax_logging_process=0,
+                                                      msg='trained parameters:')
             out = _loop(config, mngr, writer, state, step_fn, data_iter, batch_sharding, total_steps, figure_fn)
             with _checkpoint_io(mngr, out['step']):
                 mngr.wait_until_finished()
