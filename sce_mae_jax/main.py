@@ -47,6 +47,8 @@ def main(argv):
                                    process_id=FLAGS.process_id)
     elif FLAGS.distributed:
         jax.distributed.initialize()
+    from sce_mae_jax import hardware
+    hardware.log_backend(jax)  # and a warning when a GPU/TPU host runs on the CPU backend
     config = FLAGS.config  # checked by parse_flags: a known job, datasets and splits
     job = config.job
     logging.info('job %s on %d devices, %d processes; config:\n%s', job, jax.device_count(), jax.process_count(),
