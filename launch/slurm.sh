@@ -23,7 +23,9 @@ while [[ $# -gt 0 && $1 == --* ]]; do
   esac
   shift
 done
-if [[ $# -lt 2 ]]; then echo "usage: $0 [--dry_run] [--nodes=N] [--gpus_per_node=G] ... CONFIG WORKDIR [--config.x=y ...]" >&2; exit 2; fi
+if [[ $# -lt 2 ]]; then
+  echo "usage: $0 [--dry_run] [--nodes=N] [--gpus_per_node=G] ... CONFIG WORKDIR [--config.x=y ...]" >&2; exit 2
+fi
 config=$1 workdir=$2
 shift 2
 root=$(cd "$(dirname "$0")/.." && pwd)

@@ -72,7 +72,8 @@ install() {
   else  # this checkout as it is (tracked and untracked files, not what git ignores)
     local root tarball=/tmp/sce_mae_jax_$name.tar.gz
     root=$(cd "$(dirname "$0")/.." && pwd)
-    run bash -c "cd $(printf %q "$root") && git ls-files -z --cached --others --exclude-standard | tar --null -T - -czf $tarball"
+    local pack="git ls-files -z --cached --others --exclude-standard | tar --null -T - -czf $tarball"
+    run bash -c "cd $(printf %q "$root") && $pack"
     run "${gc[@]}" tpu-vm scp "$tarball" "$name:sce_mae_jax.tar.gz" "${where[@]}" --worker=all
     ssh_all "rm -rf $remote_dir && mkdir -p $remote_dir && tar -xzf ~/sce_mae_jax.tar.gz -C $remote_dir"
   fi

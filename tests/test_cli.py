@@ -21,7 +21,8 @@ def problem(*args):
 
 
 @pytest.mark.parametrize('args, expected', [
-    (['--config=configs/nope.py'], ['configs/nope.py does not exist', 'configs/mae_deit_s.py', 'configs/quickstart.py']),
+    (['--config=configs/nope.py'], ['configs/nope.py does not exist', 'configs/mae_deit_s.py',
+                                    'configs/quickstart.py']),
     (['--workdir=/tmp/x'], ['--config is required', 'configs/quickstart.py']),
     (['--config=configs/mae_deit_s.py:foo=1'], ["unknown config argument 'foo'", 'data=']),
     (['--config=configs/carb_deit_s.py:dim=abc'], ["dim='abc'", 'int']),
@@ -31,7 +32,8 @@ def problem(*args):
     (['--config=configs/mae_deit_s.py:data=celeba', '--config.split=train'], ["'celeba' has splits pretrain"]),
     (['--config=configs/carb_deit_s.py:ablation=no_lrc'], ["unknown ablation 'no_lrc'", 'no_lcr', 'lead']),
     (['--config=configs/mae_deit_s.py', '--config.job=train'], ["config.job='train'", 'pretrain', 'eval_matching']),
-    (['--config=configs/mae_deit_s.py', '--config.model.embd_dim=8'], ["no field 'embd_dim'", 'did you mean embed_dim']),
+    (['--config=configs/mae_deit_s.py', '--config.model.embd_dim=8'],
+     ["no field 'embd_dim'", 'did you mean embed_dim']),
     (['--config=configs/mae_deit_s.py', '--config.bogus=1'], ["no field 'bogus'", 'batch_size']),
     (['--config=configs/mae_deit_s.py', '--config.seed.x=1'], ['config.seed is a value']),
     (['--config=configs/mae_deit_s.py', '--config.batch_size=many'], ['--config.batch_size=many', 'int']),

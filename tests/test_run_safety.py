@@ -159,8 +159,8 @@ def test_full_disk_during_a_save_is_a_clear_error_and_earlier_checkpoints_surviv
         return real_save(self, step, *a, **k)
 
     monkeypatch.setattr(ocp.CheckpointManager, 'save', save)
-    with pytest.raises(common.RunStopped, match=r'checkpointing at step 6 failed .*disk is full \(earlier checkpoints \(1, 2, 4\) are '
-                                                r'intact\); free space and rerun'):
+    with pytest.raises(common.RunStopped, match=r'checkpointing at step 6 failed .*disk is full \(earlier '
+                                                r'checkpoints \(1, 2, 4\) are intact\); free space and rerun'):
         _run(tmp_path / 'run', total_steps=8, keep=3)
     monkeypatch.setattr(ocp.CheckpointManager, 'save', real_save)
     assert _steps(tmp_path / 'run') == [1, 2, 4] and all(_finite_params(tmp_path / 'run', s) for s in (1, 2, 4))
