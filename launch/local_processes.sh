@@ -1,14 +1,19 @@
 #!/usr/bin/env bash
 # Simulates N hosts on this machine: N processes, each with D simulated CPU devices, meeting at 127.0.0.1.
-#   launch/local_processes.sh N D --config=configs/quickstart.py --workdir=/tmp/multi [--config.x=y ...]
+#   launch/local_processes.sh [--dry_run] N D --config=configs/quickstart.py --workdir=/tmp/multi [--config.x=y ...]
 set -euo pipefail
+source "$(dirname "$0")/common.sh"
+dry=''
+if [[ ${1:-} == --dry_run ]]; then dry=1; shift; fi
 n=$1 d=$2
 shift 2
 port=$((20000 + RANDOM % 20000))
 pids=()
 for ((i = 0; i < n; i++)); do
-  XLA_FLAGS="--xla_force_host_platform_device_count=$d" JAX_PLATFORMS=cpu \
-    python -m sce_mae_jax.main --coordinator_address="127.0.0.1:$port" --num_processes="$n" --process_id="$i" "$@" &
+  cmd=(env XLA_FLAGS="--xla_force_host_platform_device_count=$d" JAX_PLATFORMS=cpu
+       python -m sce_mae_jax.main --coordinator_address="127.0.0.1:$port" --num_processes="$n" --process_id="$i" "$@")
+  if [[ -n $dry ]]; then run "${cmd[@]}"; continue; fi
+  "${cmd[@]}" &
   pids+=($!)
 done
 status=0

@@ -9,6 +9,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from sce_mae_jax.carb import SPLITS
+from sce_mae_jax.errors import ConfigError
 from sce_mae_jax.models.vit import DEIT
 
 SIZES = {'t': 'tiny', 's': 'small', 'b': 'base'}
@@ -20,10 +21,15 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
     for item in filter(None, (arg or '').split(',')):
         key, _, value = item.partition('=')
         if key not in defaults:
-            raise ValueError(f'unknown config argument {key!r}; known: {sorted(defaults)}')
+            raise ConfigError(f'unknown config argument {key!r} (after the ":" of --config); this config takes '
+                              f'{", ".join(f"{k}=..." for k in sorted(defaults))}')
         default = defaults[key]
-        out[key] = type(default)(value) if default is not None and not isinstance(default, bool) else (
-            value.lower() in ('1', 'true', 'yes') if isinstance(default, bool) else value)
+        try:
+            out[key] = type(default)(value) if default is not None and not isinstance(default, bool) else (
+                value.lower() in ('1', 'true', 'yes') if isinstance(default, bool) else value)
+        except ValueError:
+            raise ConfigError(f'config argument {key}={value!r} is not of type {type(default).__name__} '
+                              f'(default {key}={default})') from None
     return ml_collections.ConfigDict(out)
 
 
@@ -84,9 +90,9 @@ def carb(size: str, arg: str | None, *, dim: int, eta: float) -> ml_collections.
     """Stage-2 CARB + LCR on a frozen stage-1 DeiT (method.md §2)."""
     a = parse_arg(arg, data='synthetic', dim=dim, ablation='none', split='cls')
     if a.ablation not in ABLATIONS:
-        raise ValueError(f'unknown ablation {a.ablation!r}; known: {sorted(ABLATIONS)}')
+        raise ConfigError(f'unknown ablation {a.ablation!r}; choose one of {", ".join(sorted(ABLATIONS))}')
     if a.split not in SPLITS:
-        raise ValueError(f'unknown split {a.split!r}; known: {list(SPLITS)}')
+        raise ConfigError(f'unknown split {a.split!r}; choose one of {", ".join(SPLITS)}')
     c = ml_collections.ConfigDict()
     c.job = 'carb'
     data_fields(c, a.data)

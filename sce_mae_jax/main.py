@@ -12,7 +12,8 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from sce_mae_jax import jobs
+from sce_mae_jax import cli, jobs
+from sce_mae_jax.errors import ConfigError
 
 config_flags.DEFINE_config_file('config', None, 'Job config file (configs/*.py[:arg]).', lock_config=True)
 flags.DEFINE_string('workdir', None, 'Where checkpoints, metrics and figures go; rerun to resume.')
@@ -25,14 +26,8 @@ flags.DEFINE_integer('process_id', 0, 'With --coordinator_address: this process.
 
 
 def user_errors() -> tuple[type, ...]:
-    from sce_mae_jax.train.common import ConfigError
-    errs: list[type] = [ConfigError]
-    try:
-        from sce_mae_jax.data.sources import DatasetError
-        errs.append(DatasetError)
-    except ImportError:
-        pass
-    return tuple(errs)
+    from sce_mae_jax.data.sources import DatasetError
+    return ConfigError, DatasetError
 
 
 class _QuietLibraries:
@@ -52,14 +47,16 @@ def main(argv):
                                    process_id=FLAGS.process_id)
     elif FLAGS.distributed:
         jax.distributed.initialize()
-    config = FLAGS.config
-    job = config.get('job')
-    if job not in jobs.JOBS:
-        sys.exit(f'error: config.job={job!r} is not one of {sorted(jobs.JOBS)}')
+    from sce_mae_jax import hardware
+    hardware.log_backend(jax)  # and a warning when a GPU/TPU host runs on the CPU backend
+    config = FLAGS.config  # checked by parse_flags: a known job, datasets and splits
+    job = config.job
     logging.info('job %s on %d devices, %d processes; config:\n%s', job, jax.device_count(), jax.process_count(),
                  config)
     try:
-        jobs.run(config, FLAGS.workdir)
+        from sce_mae_jax.train import common
+        with common.workdir_lock(FLAGS.workdir):  # a second run on this workdir stops here
+            jobs.run(config, FLAGS.workdir)
     except user_errors() as e:
         logging.error('%s', e)
         sys.exit(f'error: {e}')
@@ -69,15 +66,15 @@ FLAGS = flags.FLAGS
 
 
 def parse_flags(argv):
-    """absl parsing, but an unknown `--config.x` field ends with one line naming it, not a traceback."""
+    """absl parsing, but every command-line mistake ends with one line naming it and the valid choices."""
+    asks_help = any(a.split('=')[0] in ('-h', '--help', '--helpshort', '--helpfull', '-?') for a in argv)
+    message = None if asks_help else cli.problem(argv)
+    if message is not None:
+        sys.exit(f'error: {message}')
     try:
         return FLAGS(argv)
-    except (AttributeError, KeyError) as e:
-        bad = [a.split('=')[0] for a in argv if a.startswith('--config.')]
-        sys.exit(f'error: unknown config field {e} (in {", ".join(bad)}); the config file lists the fields a '
-                 'job has, and `--config.x=y` can only change existing ones')
     except flags.Error as e:
-        sys.exit(f'error: {e}\nPass --helpfull to see the flags.')
+        sys.exit(f'error: {" ".join(str(e).split())} (--helpfull lists the flags)')
 
 
 if __name__ == '__main__':

@@ -21,8 +21,10 @@ from typing import Any, SupportsIndex
 import numpy as np
 
 from sce_mae_jax.data.preprocess import DatasetError
+from sce_mae_jax.errors import ConfigError
 
-__all__ = ['DatasetError', 'DATASETS', 'LandmarkSource', 'get_builder', 'get_source', 'prepare']
+__all__ = ['ConfigError', 'DatasetError', 'DATASETS', 'NAMES', 'LandmarkSource', 'check', 'get_builder',
+           'get_source', 'prepare', 'splits_of']
 
 # name -> (builder module, builder class, builder config or None, splits)
 DATASETS = {
@@ -35,12 +37,29 @@ DATASETS = {
 }
 SYNTHETIC = 'synthetic'
 SYNTHETIC_PLAIN = 'synthetic_plain'  # the same faces on smooth backgrounds, without the clutter shapes
+NAMES = (SYNTHETIC, SYNTHETIC_PLAIN, *DATASETS)
 
 
 def _check_name(name: str) -> tuple:
     if name not in DATASETS:
-        raise ValueError(f'unknown dataset {name!r}; expected one of {[SYNTHETIC, SYNTHETIC_PLAIN, *DATASETS]}')
+        raise ConfigError(f'unknown dataset {name!r}; choose one of {", ".join(NAMES)}')
     return DATASETS[name]
+
+
+def splits_of(name: str) -> tuple[str, ...]:
+    """The splits dataset `name` has; ConfigError naming the datasets if it is none of them."""
+    if name in (SYNTHETIC, SYNTHETIC_PLAIN):
+        from sce_mae_jax.data.synthetic import SPLITS
+        return SPLITS
+    return _check_name(name)[3]
+
+
+def check(name: str, split: str | None = None) -> None:
+    """Raises ConfigError (a ValueError) naming the valid choices for an unknown dataset or split. Cheap: the
+    command line checks every config's data and split with it before any job starts."""
+    splits = splits_of(name)
+    if split is not None and split not in splits:
+        raise ConfigError(f'dataset {name!r} has splits {", ".join(splits)}, not {split!r}')
 
 
 def get_builder(name: str, data_dir: str | os.PathLike | None = None):
@@ -153,6 +172,7 @@ def get_source(name: str, split: str, *, manual_dir: str | os.PathLike | None = 
         An object with ``__len__``, ``__getitem__`` -> ``{'image': uint8 (136, 136, 3), 'landmarks': float32
         (L, 2), 'index': int64}``, ``num_landmarks`` and ``iod_indices``.
     """
+    check(name, split)
     if name in (SYNTHETIC, SYNTHETIC_PLAIN):
         from sce_mae_jax.data import synthetic  # written separately; imported only when asked for
         source = synthetic.SyntheticFaces(split, seed=seed, clutter=name == SYNTHETIC)
@@ -161,9 +181,6 @@ def get_source(name: str, split: str, *, manual_dir: str | os.PathLike | None = 
             if not hasattr(source, attr):
                 setattr(source, attr, default)
         return source
-    _, _, _, splits = _check_name(name)
-    if split not in splits:
-        raise ValueError(f'dataset {name!r} has splits {splits}, not {split!r}')
     builder = prepare(name, manual_dir=manual_dir, data_dir=data_dir)
     return LandmarkSource(builder.as_data_source(split=split), name=name, split=split,
                           num_landmarks=builder.NUM_LANDMARKS, iod_indices=builder.IOD_INDICES)

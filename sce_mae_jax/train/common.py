@@ -6,9 +6,12 @@ the SPMD form of a pmapped step and runs unchanged on 1 CPU, simulated devices, 
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import signal
+import socket
 import time
 from typing import Any
 
@@ -17,11 +20,10 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+from clu import parameter_overview
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-
-class ConfigError(ValueError):
-    """A user-facing problem with the config, workdir or a checkpoint; the message says how to fix it."""
+from sce_mae_jax.errors import ConfigError, RunStopped  # noqa: F401  (re-exported: jobs raise common.*)
 
 
 # ---------------------------------------------------------------------------------------------- mesh & batches
@@ -252,48 +254,250 @@ class PreemptionGuard:
 
 def train_loop(config, workdir: str, *, state, state_sharding, step_fn, data_iter, batch_sharding, total_steps: int,
                figure_fn=None) -> dict:
-    """The loop both stages share: resume, step, log, figures, checkpoints, preemption.
+    """The loop both stages share: resume, step, log, figures, checkpoints, preemption, run safety.
 
     `step_fn(state, batch) -> (state, metrics)` is the jitted step; `figure_fn(step, state, batch)` is called
     on every process every `config.figure_every` steps (it may run collectives; it writes on process 0).
-    Metrics of step n are fetched after step n+1 is dispatched, so the host never waits on the device.
+    Metrics of step n are fetched after step n+1 is dispatched, so the host never waits on the device; the
+    finiteness of loss and gradient norm is tracked on the device every step and read only where the host
+    waits anyway (logged steps, checkpoints), so a non-finite step stops the run before any checkpoint of it.
     """
-    mngr = checkpoint_manager(workdir, max_to_keep=config.keep_checkpoints,
-                              save_interval_steps=config.checkpoint_every)
-    if mngr.latest_step() is not None:
-        logging.info('resuming from %s/%d', mngr.directory, mngr.latest_step())
-        state = restore_checkpoint(mngr, mngr.latest_step(), abstract_like(state, state_sharding), data_iter)
-    writer = MetricWriter(workdir)
+    with workdir_lock(workdir):
+        mngr = checkpoint_manager(workdir, max_to_keep=config.keep_checkpoints,
+                                  save_interval_steps=config.checkpoint_every)
+        writer = None
+        try:
+            restored = restore_latest(mngr, abstract_like(state, state_sharding), data_iter, workdir)
+            state = state if restored is None else restored
+            writer = MetricWriter(workdir)
+            # shapes only: statistics would copy every parameter to the host (and span hosts on a pod)
+            parameter_overview.log_parameter_overview(state['params'], include_stats=False, jax_logging_process=0,
+                                                      msg='trained parameters:')
+            out = _loop(config, mngr, writer, state, step_fn, data_iter, batch_sharding, total_steps, figure_fn)
+            with _checkpoint_io(mngr, out['step']):
+                mngr.wait_until_finished()
+            return out
+        finally:
+            try:  # an earlier save still in flight completes, so a stopped run keeps it
+                mngr.wait_until_finished()
+            except Exception as e:  # pylint: disable=broad-except  # the error being raised says more
+                logging.warning('while stopping: %s', e)
+            mngr.close()
+            if writer is not None:
+                writer.close()
+
+
+def _loop(config, mngr, writer, state, step_fn, data_iter, batch_sharding, total_steps, figure_fn) -> dict:
     guard = PreemptionGuard()
     step = int(state['step'])
     meter = Throughput(config.batch_size, total_steps, step)
+    finite = FiniteWatch()
     pending = None
     logging.info('training steps %d → %d on %d devices (%d processes)', step, total_steps, jax.device_count(),
                  jax.process_count())
+
+    def save(step, force=False):
+        finite.check(mngr)  # never a checkpoint of a non-finite state, so rotation never drops a finite one
+        with _checkpoint_io(mngr, step):
+            save_checkpoint(mngr, step, state, data_iter, force=force)
+
     while step < total_steps:
         batch = global_batch(next(data_iter), batch_sharding)
         state, metrics = step_fn(state, batch)
         step += 1
+        finite.update(step, metrics)
         if pending is not None:
-            writer.write(*pending)
+            writer.write(*pending[:2])
+            pending[2].check(mngr)
             pending = None
         if step % config.log_every == 0 or step == total_steps:
-            pending = (step, {**metrics, **meter(step)})
+            pending = (step, {**metrics, **meter(step)}, finite.snapshot())
         if figure_fn is not None and config.figure_every and step % config.figure_every == 0:
             figure_fn(step, state, batch)
-        save_checkpoint(mngr, step, state, data_iter)
+        if mngr.should_save(step):
+            save(step)
         if guard.should_stop(mngr, step):
-            save_checkpoint(mngr, step, state, data_iter, force=True)
+            save(step, force=True)
             logging.warning('stopped at step %d after a preemption signal; rerun the same command to resume', step)
             break
     if pending is not None:
-        writer.write(*pending)
+        writer.write(*pending[:2])
     if step == total_steps and mngr.latest_step() != step:
-        save_checkpoint(mngr, step, state, data_iter, force=True)
-    mngr.wait_until_finished()
-    mngr.close()
-    writer.close()
+        save(step, force=True)
+    finite.check(mngr)
     return {'step': step, 'state': state, 'finished': step >= total_steps}
+
+
+# ---------------------------------------------------------------------------------------------- run safety
+WATCHED = ('loss', 'grad_norm')  # the metrics that must stay finite (both trainers report them)
+
+
+@jax.jit
+def _first_nonfinite(first, which, step, metrics):
+    """(first step with a non-finite watched metric or -1, which of WATCHED were non-finite at it)."""
+    bad = jnp.stack([~jnp.all(jnp.isfinite(metrics[k])) if k in metrics else jnp.bool_(False) for k in WATCHED])
+    new = (first < 0) & jnp.any(bad)
+    return jnp.where(new, step, first), jnp.where(new, bad, which)
+
+
+class FiniteWatch:
+    """The first step whose loss or gradient norm was NaN/inf, kept on the device; `check` reads it."""
+
+    def __init__(self, first=None, which=None):
+        self.first = jnp.int32(-1) if first is None else first
+        self.which = jnp.zeros(len(WATCHED), bool) if which is None else which
+
+    def update(self, step: int, metrics) -> None:
+        self.first, self.which = _first_nonfinite(self.first, self.which, jnp.int32(step), metrics)
+
+    def snapshot(self) -> 'FiniteWatch':
+        return FiniteWatch(self.first, self.which)
+
+    def check(self, mngr) -> None:
+        first = int(self.first)
+        if first < 0:
+            return
+        names = ' and '.join(k for k, b in zip(WATCHED, np.asarray(self.which)) if b)
+        latest = mngr.latest_step()
+        kept = (f'the last checkpoint, step {latest} in {mngr.directory}, is finite and kept' if latest is not None
+                else 'no checkpoint was written before it')
+        raise RunStopped(f'step {first}: non-finite {names}; stopped without checkpointing it ({kept}). Lower the '
+                         'learning rate (or check the data), then rerun to resume from the last checkpoint')
+
+
+def _oserror_in(exc: BaseException) -> OSError | None:
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, OSError):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+@contextlib.contextmanager
+def _checkpoint_io(mngr, step: int):
+    """A write error while checkpointing (full disk, quota, permissions) as one clear message. Orbax writes a
+    step into a temporary directory and renames it when complete, so earlier checkpoints are untouched."""
+    try:
+        yield
+    except RunStopped:
+        raise
+    except Exception as e:  # pylint: disable=broad-except  # orbax may wrap the OSError of its writer thread
+        os_err = _oserror_in(e)
+        if os_err is None:
+            raise
+        full = os_err.errno in (errno.ENOSPC, errno.EDQUOT)
+        try:
+            earlier = [s for s in mngr.all_steps() if s != step]
+        except Exception:  # pylint: disable=broad-except
+            earlier = []
+        kept = f'earlier checkpoints ({", ".join(map(str, sorted(earlier)))}) are intact' if earlier else (
+            'there is no earlier checkpoint')
+        what = 'the disk is full' if full else f'{os_err.strerror or os_err}'
+        # orbax finishes a save in the background: the failed write may be an earlier step's, reported now
+        raise RunStopped(f'checkpointing at step {step} failed writing to {mngr.directory}: {what} ({kept}); '
+                         f'{"free space" if full else "fix the workdir"} and rerun to resume') from e
+
+
+def restore_latest(mngr, abstract_state, data_iter, workdir: str):
+    """The newest checkpoint that restores, or None when there is none. A corrupt or half-deleted one is moved
+    to `workdir/corrupt_checkpoints/` with a warning and the one before it is tried, so training resumes from
+    the last good step (and can later write that step number again)."""
+    for step in sorted(mngr.all_steps(), reverse=True):
+        try:
+            logging.info('resuming from %s/%d', mngr.directory, step)
+            return restore_checkpoint(mngr, step, abstract_state, data_iter)
+        except ConfigError:
+            raise  # a checkpoint of another config: moving it aside would lose it
+        except Exception as e:  # pylint: disable=broad-except  # orbax/tensorstore raise many kinds
+            logging.warning('checkpoint %s/%d cannot be restored (%s: %s); moving it to %s and trying the one '
+                            'before it', mngr.directory, step, type(e).__name__, str(e).splitlines()[0][:300],
+                            os.path.join(workdir, 'corrupt_checkpoints'))
+            _move_aside(mngr, step, workdir)
+    return None
+
+
+def _move_aside(mngr, step: int, workdir: str) -> None:
+    if jax.process_index() == 0:
+        dest = os.path.join(workdir, 'corrupt_checkpoints')
+        os.makedirs(dest, exist_ok=True)
+        target = os.path.join(dest, f'{step}_{time.strftime("%Y%m%d-%H%M%S")}')
+        os.rename(os.path.join(str(mngr.directory), str(step)), target)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(f'corrupt checkpoint {step} moved')
+    mngr.reload()
+
+
+LOCK = 'run.lock'
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: str):
+    """Holds `workdir/run.lock` (pid, host, start time) while a job runs, so a second run on the same workdir
+    stops at once instead of interleaving checkpoints. A lock left by a dead process of this host is stale
+    and taken over; one from another host can only be judged by the user. Re-entrant within a process (the
+    pipeline locks its workdir, then each stage its own). Taken by process 0 for all processes."""
+    ensure_workdir(workdir)
+    path = os.path.join(workdir, LOCK)
+    problem, mine = _take_lock(path) if jax.process_index() == 0 else (None, False)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        refused = bool(multihost_utils.broadcast_one_to_all(np.int32(problem is not None)))
+        if refused and problem is None:
+            problem = f'process 0 found {path} held by another run'
+    if problem is not None:
+        raise RunStopped(problem)
+    try:
+        yield
+    finally:
+        if mine:
+            try:
+                os.remove(path)
+            except FileNotFoundError:
+                pass
+
+
+def _pid_alive(pid) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, ValueError, TypeError, OverflowError):
+        return True  # someone else's process, or a lock we cannot read: assume it runs
+    return True
+
+
+def _take_lock(path: str) -> tuple[str | None, bool]:
+    """(None, whether we created it) when this process may run; (the message, False) when another run holds it."""
+    me = {'pid': os.getpid(), 'host': socket.gethostname(), 'started': time.strftime('%Y-%m-%d %H:%M:%S %Z')}
+    for _ in range(3):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                with open(path) as f:
+                    held = json.load(f)
+            except (OSError, ValueError):
+                held = {}
+            if held.get('pid') == me['pid'] and held.get('host') == me['host']:
+                return None, False
+            if held.get('host') == me['host'] and not _pid_alive(held.get('pid')):
+                logging.warning('taking over the stale lock %s of pid %s (no longer running)', path, held['pid'])
+                try:
+                    os.remove(path)
+                except FileNotFoundError:
+                    pass
+                continue
+            who = (f'pid {held.get("pid")} on {held.get("host")} since {held.get("started")}' if held else
+                   'a run whose lock cannot be read')
+            return (f'workdir {os.path.dirname(path)} is in use by {who}; wait for it or stop it, or if no run '
+                    f'is using this workdir any more, delete {path}'), False
+        with os.fdopen(fd, 'w') as f:
+            json.dump(me, f)
+        return None, True
+    return f'could not take the lock {path} (it keeps reappearing); is another run starting?', False
 
 
 def ensure_workdir(workdir: str) -> None:

@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# A job on several GPU nodes through SLURM: one task per GPU, every task running main.py with --distributed,
+# which calls jax.distributed.initialize() with no arguments; JAX reads the coordinator, process count and id
+# from srun's environment (SLURM_STEP_NODELIST, SLURM_NTASKS, SLURM_PROCID) and gives each task the GPU of its
+# SLURM_LOCALID, so every task must see all GPUs of its node (--gpus-per-node, not --gpus-per-task).
+#   launch/slurm.sh [--dry_run] [--nodes=2] [--gpus_per_node=8] [--partition=P] [--account=A] [--time=24:00:00]
+#                   [--venv=PATH] CONFIG WORKDIR [--config.x=y ...]
+# WORKDIR must be on a filesystem every node mounts. Writes WORKDIR/slurm/job.sbatch and submits it;
+# --dry_run prints the script and the sbatch command instead.
+set -euo pipefail
+source "$(dirname "$0")/common.sh"
+dry='' nodes=2 gpus=8 partition='' account='' time_limit='24:00:00' venv=''
+while [[ $# -gt 0 && $1 == --* ]]; do
+  case $1 in
+    --dry_run) dry=1 ;;
+    --nodes=*) nodes=${1#*=} ;;
+    --gpus_per_node=*) gpus=${1#*=} ;;
+    --partition=*) partition=${1#*=} ;;
+    --account=*) account=${1#*=} ;;
+    --time=*) time_limit=${1#*=} ;;
+    --venv=*) venv=${1#*=} ;;
+    *) echo "error: unknown option $1 (see the top of $0)" >&2; exit 2 ;;
+  esac
+  shift
+done
+if [[ $# -lt 2 ]]; then
+  echo "usage: $0 [--dry_run] [--nodes=N] [--gpus_per_node=G] ... CONFIG WORKDIR [--config.x=y ...]" >&2; exit 2
+fi
+config=$1 workdir=$2
+shift 2
+root=$(cd "$(dirname "$0")/.." && pwd)
+script="$workdir/slurm/job.sbatch"
+
+sbatch_script() {
+  echo '#!/bin/bash'
+  echo "#SBATCH --job-name=sce_mae_jax"
+  echo "#SBATCH --nodes=$nodes"
+  echo "#SBATCH --ntasks-per-node=$gpus"
+  echo "#SBATCH --gpus-per-node=$gpus"
+  echo "#SBATCH --time=$time_limit"
+  echo "#SBATCH --output=$workdir/slurm/%j.out"
+  [[ -n $partition ]] && echo "#SBATCH --partition=$partition"
+  [[ -n $account ]] && echo "#SBATCH --account=$account"
+  echo 'set -euo pipefail'
+  echo "cd $(quote "$root")"
+  [[ -n $venv ]] && echo "source $(quote "$venv")/bin/activate"
+  echo "srun python -m sce_mae_jax.main --distributed $(quote --config="$config" --workdir="$workdir" "$@")"
+}
+
+if [[ -n $dry ]]; then
+  echo "# $script:"
+  sbatch_script "$@"
+  echo "# submitted with:"
+else
+  mkdir -p "$workdir/slurm"
+  sbatch_script "$@" > "$script"
+fi
+run sbatch "$script"
