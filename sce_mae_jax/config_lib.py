@@ -114,6 +114,10 @@ def carb(size: str, arg: str | None, *, dim: int, eta: float) -> ml_collections.
         objective='lcr',     # 'lcr' (SCE-MAE) or 'lead' (LEAD's correspondence-distribution matching)
         split=a.split,       # attentive split criterion, carb.SPLITS: 'cls' is eq. 1 (docs/ablations.md)
         prior_images=512,    # split=cls_debiased: training images the per-position CLS prior is estimated on
+        # split=recon with init_from=random_init (the control): the untrained MAE decoder (the paper's by default;
+        # the pipeline copies its stage 1's)
+        untrained_decoder=dict(decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16, mask_ratio=0.75,
+                               norm_pix_loss=True),
         eta=eta,             # attentive rate η (eq. 1)
         layer=2,             # clustering after this 0-based block: "after the third encoder layer"
         num_clusters=4,      # K_c

@@ -243,10 +243,15 @@ def test_split_inputs_are_stored_and_reused_on_resume(stage1, tmp_path, split):
     assert 'Traceback' not in proc.stderr
 
 
-def test_recon_split_without_a_decoder_is_a_clear_error(tmp_path):
-    proc = run_main(['--config=configs/carb_deit_t.py:split=recon', *BACKBONE, '--config.init_from=random_init',
-                     f'--workdir={tmp_path}', '--config.total_steps=1'], check=False)
-    assert proc.returncode != 0 and 'split=recon needs the stage-1 MAE decoder' in proc.stderr
-    assert 'Traceback' not in proc.stderr
+def test_recon_split_on_random_init_uses_an_untrained_decoder_and_bad_splits_are_clear_errors(tmp_path):
+    config = _config('split=recon', init_from='random_init')
+    config.carb.untrained_decoder.update(decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2)
+    decoder, fields = carb_train.stage1_decoder(config)
+    assert fields['decoder_depth'] == 1 and decoder['decoder_pred']['kernel'].shape == (32, 8 * 8 * 3)
+    again, _ = carb_train.stage1_decoder(config)  # seeded: the control is reproducible
+    np.testing.assert_array_equal(decoder['decoder_pred']['kernel'], again['decoder_pred']['kernel'])
     proc = run_main(['--config=configs/carb_deit_t.py:split=nope', f'--workdir={tmp_path}'], check=False)
-    assert proc.returncode != 0 and 'unknown split' in proc.stderr
+    assert proc.returncode != 0 and 'unknown split' in proc.stderr and 'Traceback' not in proc.stderr
+    proc = run_main(['--config=configs/carb_deit_t.py', *BACKBONE, '--config.carb.split=nope',
+                     '--config.init_from=random_init', f'--workdir={tmp_path}'], check=False)
+    assert proc.returncode != 0 and "carb.split='nope'" in proc.stderr and 'Traceback' not in proc.stderr

@@ -152,9 +152,6 @@ def validate(config) -> None:
         problems.append(f'carb.num_clusters={cc.num_clusters} must be in 1..{n}')
     if cc.get('split', 'cls') not in carb.SPLITS:
         problems.append(f'carb.split={cc.split!r} must be one of {carb.SPLITS}')
-    if cc.get('split') == 'recon' and config.init_from == RANDOM_INIT:
-        problems.append('carb.split=recon needs the stage-1 MAE decoder, which init_from=random_init does not have; '
-                        'use another split for the random_init control')
     if cc.mode not in ('A', 'B'):
         problems.append(f"carb.mode={cc.mode!r} must be 'A' or 'B'")
     if cc.objective not in ('lcr', 'lead'):
@@ -292,7 +289,17 @@ def estimate_cls_prior(backbone, source, *, encoder: ViT, layer: int, num_images
 
 
 def stage1_decoder(config) -> tuple[dict, dict]:
-    """(decoder parameters, MAE model fields) of the stage-1 MAE in `init_from`, for split=recon."""
+    """(decoder parameters, MAE model fields) of the stage-1 MAE in `init_from`, for split=recon. With
+    init_from=random_init the whole MAE is untrained: a decoder of `carb.untrained_decoder`'s fields initialised
+    with `config.seed` (the pipeline copies stage 1's fields there, so the control matches its stage 1)."""
+    if config.init_from == RANDOM_INIT:
+        fields = {k: config.carb.untrained_decoder[k] for k in MAE_FIELDS}
+        m = config.model
+        mae = MAE(m.embed_dim, m.depth, m.num_heads, m.mlp_ratio, m.patch_size, m.image_size, **fields)
+        size = m.image_size
+        params = jax.jit(mae.init)(jax.random.PRNGKey(config.seed), jnp.zeros((1, size, size, 3)),
+                                   noise=jnp.zeros((1, mae.grid ** 2)))['params']
+        return jax.tree.map(np.asarray, {k: v for k, v in params.items() if k != 'encoder'}), fields
     params = common.load_params(config.init_from)
     decoder = {k: v for k, v in params.items() if k != 'encoder'}
     cfg_path = os.path.join(os.path.abspath(os.path.expanduser(config.init_from)), 'config.json')

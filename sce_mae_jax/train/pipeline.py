@@ -21,6 +21,8 @@ def _stage2(config, stage1_config, init_from: str):
         stage2.init_from = init_from
         for key in ARCH:  # stage 2 reads the backbone architecture stage 1 trained
             stage2.model[key] = stage1_config.model[key]
+        for key in carb.MAE_FIELDS:  # the control's untrained MAE for split=recon is stage 1's, untrained
+            stage2.carb.untrained_decoder[key] = stage1_config.model[key]
     return stage2
 
 
