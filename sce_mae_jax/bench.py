@@ -12,7 +12,10 @@
     # evaluation features: cover-and-stride at each stride (+ upsampling to 96 px and the projector), images/s
     python -m sce_mae_jax.bench --config=configs/carb_deit_s.py --config.batch_size=32 --mode=features
 
-The last line of `--mode=step` is `imgs_per_s=<number>`.
+`--mode=step` prints the device, dtype, batch, step time, images/s, MFU and peak memory; its last line is
+`imgs_per_s=<number>`. MFU is the analytic model FLOPs (flops.py) over the device kind's datasheet peak
+(flops.PEAKS), not XLA's cost analysis, which leaves out the cuBLAS calls on GPU; kinds not in the table (CPUs)
+get no MFU unless `--peak_tflops` gives one.
 """
 from __future__ import annotations
 
@@ -27,12 +30,15 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
+from sce_mae_jax import flops
+
 config_flags.DEFINE_config_file('config', None, 'A training config (configs/*.py[:arg]).', lock_config=True)
 flags.DEFINE_enum('mode', 'step', ['step', 'data', 'loss', 'matmul', 'features'], 'What to measure.')
 flags.DEFINE_list('strides', ['8', '4', '2'], 'With --mode=features: the cover-and-stride strides to time.')
 flags.DEFINE_integer('steps', 20, 'Timed steps (after warm-up).')
 flags.DEFINE_integer('warmup', 3, 'Untimed steps after compilation.')
-flags.DEFINE_float('peak_tflops', 0.0, 'Measured peak of the device (TFLOP/s) to report model FLOP utilisation.')
+flags.DEFINE_float('peak_tflops', 0.0, 'Peak TFLOP/s of one device to report MFU against, overriding the '
+                   'datasheet table (flops.PEAKS); needed for device kinds not in it, e.g. CPUs.')
 FLAGS = flags.FLAGS
 
 
@@ -41,17 +47,35 @@ def _machine() -> str:
     return f'{jax.device_count()}x {d.device_kind} ({d.platform}), host {platform.node()}, jax {jax.__version__}'
 
 
-def _peak_memory_gib() -> str:
+def peak_memory() -> str:
+    """The device allocator's peak where the backend keeps one (GPU, TPU); XLA:CPU keeps none, so there the
+    process's peak resident set, which includes the host-side Python, data and compiler memory."""
     stats = jax.devices()[0].memory_stats() or {}
     if 'peak_bytes_in_use' in stats:
-        return f'device peak {stats["peak_bytes_in_use"] / 2**30:.2f} GiB'
-    return f'host peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB'
+        return f'device peak {stats["peak_bytes_in_use"] / 2**30:.2f} GiB (device 0)'
+    return f'host peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB (no device stats)'
 
 
 def _flops(compiled) -> float:
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     return float((cost or {}).get('flops', 0.0))
+
+
+def mfu_line(model_flops_per_image: float, images_per_s: float, dtype: str, peak_override: float = 0.0) -> str:
+    """Analytic model FLOP/s per device against the device kind's datasheet peak (flops.PEAKS), or against
+    `peak_override` TFLOP/s when given; no MFU where neither is known."""
+    per_device = model_flops_per_image * images_per_s / jax.device_count() / 1e12
+    line = f'model FLOPs {model_flops_per_image / 1e9:.2f} G/image (analytic), {per_device:.3f} TFLOP/s per device'
+    kind = jax.devices()[0].device_kind
+    if peak_override:
+        peak, source = peak_override, '--peak_tflops'
+    else:
+        found = flops.peak_tflops(kind, dtype)
+        if found is None:
+            return line + f', MFU n/a (no {dtype} peak known for device kind {kind!r}; pass --peak_tflops)'
+        peak, source = found
+    return line + f', MFU {100 * per_device / peak:.1f}% of {peak:g} TFLOP/s ({source})'
 
 
 def build_step(config):
@@ -75,34 +99,36 @@ def build_step(config):
     raise ValueError(f'no benchmark for job {config.job!r}')
 
 
-def bench_step(config) -> float:
+def bench_step(config, steps: int, warmup: int, peak_override: float = 0.0) -> dict:
+    """Times the compiled train step; prints device, dtype, batch, step time, images/s, MFU and peak memory."""
+    if steps < 1 or warmup < 0:
+        raise ValueError(f'need steps >= 1 and warmup >= 0, got steps={steps} warmup={warmup}')
     step, state, extra, batch = build_step(config)
     t0 = time.perf_counter()
     compiled = step.lower(state, *extra, batch).compile()
     print(f'compile: {time.perf_counter() - t0:.1f} s')
-    flops = _flops(compiled)
     mem = compiled.memory_analysis()
     temp = f', XLA temp buffers {mem.temp_size_in_bytes / 2**30:.2f} GiB' if mem is not None else ''
-    for _ in range(FLAGS.warmup):
+    for _ in range(warmup):
         state, metrics = compiled(state, *extra, batch)
-    jax.block_until_ready(metrics)
+    jax.block_until_ready(state)
     t0 = time.perf_counter()
-    for _ in range(FLAGS.steps):
+    for _ in range(steps):
         state, metrics = compiled(state, *extra, batch)
     jax.block_until_ready((state, metrics))
-    dt = (time.perf_counter() - t0) / FLAGS.steps
+    dt = (time.perf_counter() - t0) / steps
     ips = config.batch_size / dt
+    dtype = config.model.get('dtype', 'float32')
     print(f'machine: {_machine()}')
-    print(f'job={config.job} batch={config.batch_size} dtype={config.model.get("dtype", "float32")} '
-          f'step={dt * 1e3:.1f} ms  loss={float(metrics["loss"]):.4f}  {_peak_memory_gib()}{temp}')
-    if flops:
-        achieved = flops / dt / 1e12
-        line = f'XLA-counted step FLOPs {flops / 1e9:.1f} G ({flops / config.batch_size / 1e9:.2f} G/image), {achieved:.2f} TFLOP/s'
-        if FLAGS.peak_tflops:
-            line += f', MFU {100 * achieved / FLAGS.peak_tflops:.1f}% of {FLAGS.peak_tflops} TFLOP/s'
-        print(line)
+    print(f'job={config.job} batch={config.batch_size} dtype={dtype} step={dt * 1e3:.1f} ms '
+          f'images/s={ips:.2f} loss={float(metrics["loss"]):.4f}')
+    print(mfu_line(flops.step_flops(config), ips, dtype, peak_override))
+    print(f'memory: {peak_memory()}{temp}')
+    xla = _flops(compiled)
+    if xla:  # kept for comparison only: it misses cuBLAS calls on GPU and counts recomputation
+        print(f'XLA cost analysis (not used for MFU): {xla / config.batch_size / 1e9:.2f} G/image')
     print(f'imgs_per_s={ips:.2f}')
-    return ips
+    return {'step_s': dt, 'images_per_s': ips, 'loss': float(metrics['loss'])}
 
 
 def bench_data(config) -> None:
@@ -224,7 +250,7 @@ def bench_features(config) -> None:
             out.block_until_ready()
             dt = (time.perf_counter() - t0) / FLAGS.steps
             print(f'stride {stride} ({(encoder.patch_size // stride) ** 2} passes), {name}: map {out.shape[1:]}, '
-                  f'{config.batch_size / dt:.1f} images/s, {_peak_memory_gib()}')
+                  f'{config.batch_size / dt:.1f} images/s, {peak_memory()}')
 
 
 def main(argv):
@@ -239,7 +265,7 @@ def main(argv):
     elif FLAGS.mode == 'matmul':
         bench_matmul(config)
     else:
-        bench_step(config)
+        bench_step(config, FLAGS.steps, FLAGS.warmup, FLAGS.peak_tflops)
 
 
 if __name__ == '__main__':
