@@ -5,6 +5,9 @@
     python -m sce_mae_jax.bench --config=configs/carb_deit_s.py --steps=20
     # synthetic-face generator and stage-1 input pipeline images/s on this host
     python -m sce_mae_jax.bench --config=configs/mae_deit_s.py --mode=data
+    # per-core images/s of each input stage (render, read, decode, crop/resize, flip, batch), rendered and
+    # prepared faces, and the cores a step rate needs; --input_data_dir=DIR times a prepared real dataset
+    python -m sce_mae_jax.bench --config=configs/mae_deit_s.py --mode=input
     # stage-2 loss: selective (attentive + centres) vs full correspondence, FLOPs / memory / time
     python -m sce_mae_jax.bench --config=configs/carb_deit_s.py --mode=loss
     # bare fp32 matmul GFLOP/s at the MAE step's shapes: the ceiling any implementation has on this device
@@ -23,6 +26,7 @@ import functools
 import platform
 import resource
 import time
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -33,7 +37,13 @@ from ml_collections import config_flags
 from sce_mae_jax import flops
 
 config_flags.DEFINE_config_file('config', None, 'A training config (configs/*.py[:arg]).', lock_config=True)
-flags.DEFINE_enum('mode', 'step', ['step', 'data', 'loss', 'matmul', 'features'], 'What to measure.')
+flags.DEFINE_enum('mode', 'step', ['step', 'data', 'input', 'loss', 'matmul', 'features'], 'What to measure.')
+flags.DEFINE_string('input_data_dir', '', 'With --mode=input: where config.data is prepared as array_record; '
+                    "'' = prepare --input_images synthetic faces in a temporary folder.")
+flags.DEFINE_integer('input_images', 300, 'With --mode=input: images timed per stage.')
+flags.DEFINE_list('input_workers', ['0', '2'], 'With --mode=input: grain worker processes of the end-to-end runs.')
+flags.DEFINE_float('input_target', 5763.0, 'With --mode=input: the step rate (images/s) the input must feed; '
+                   "the default is the issue's H100 DeiT-S bf16 batch-512 step.")
 flags.DEFINE_list('strides', ['8', '4', '2'], 'With --mode=features: the cover-and-stride strides to time.')
 flags.DEFINE_integer('steps', 20, 'Timed steps (after warm-up).')
 flags.DEFINE_integer('warmup', 3, 'Untimed steps after compilation.')
@@ -157,6 +167,86 @@ def bench_data(config) -> None:
     print(f'machine: {_machine()}')
 
 
+def _rate(fn, items) -> float:
+    """Items per second of `fn` over `items`, one call each, after one untimed call."""
+    fn(items[0])
+    t0 = time.perf_counter()
+    for item in items:
+        fn(item)
+    return len(items) / (time.perf_counter() - t0)
+
+
+def _pipeline_rate(source, config, workers: int, batch: int = 64, batches: int = 40) -> float:
+    from sce_mae_jax.data import pipeline
+    it = pipeline.train_iterator(source, global_batch=batch, seed=0, num_workers=workers,
+                                 transform=pipeline.pretrain_augment(config.model.image_size,
+                                                                     config.input.crop_scale, config.input.flip))
+    next(it)
+    t0 = time.perf_counter()
+    for _ in range(batches):  # long enough that batches prefetched before the clock starts count little
+        next(it)
+    return batches * batch / (time.perf_counter() - t0)
+
+
+def bench_input(config, data_dir: str, n: int, workers: Sequence[int], target: float) -> dict:
+    """Per-core images/s of each stage of the stage-1 input, one thread in this process, then the grain pipeline
+    end to end. The prepared array_record set is `config.data`/`config.split` in `data_dir`; without one,
+    `n` synthetic faces are prepared into a temporary folder (`prepare --dataset=synthetic`)."""
+    import tempfile
+
+    from sce_mae_jax.data import pipeline, sources
+    from sce_mae_jax.data.synthetic import SyntheticFaces
+
+    rng = np.random.default_rng(0)
+    size = config.model.image_size
+    rendered = SyntheticFaces('pretrain', seed=config.data_seed)
+    rates = {'render (synthetic face, 136 px)': _rate(lambda i: rendered[i], list(range(1, n + 1)))}
+
+    tmp = None
+    if not data_dir:
+        tmp = data_dir = tempfile.mkdtemp(prefix='bench_input_')
+        sources.prepare_synthetic('synthetic', data_dir=data_dir, seed=config.data_seed, num_examples=max(n, 256))
+        name, split = 'synthetic', 'pretrain'
+    else:
+        name, split = config.data, config.get('split', 'pretrain')
+    stored = sources.get_source(name, split, data_dir=data_dir, manual_dir=None, seed=config.data_seed)
+    records = getattr(stored, '_records', None) or getattr(stored, '_source', None)  # the TFDS data source
+    order = [int(i) for i in rng.permutation(len(stored))[:n]]
+    for i in order:  # one pass first: the timings are of the page cache, not the disk
+        stored[i]
+    if records is not None and hasattr(records, 'data_source'):
+        rates['read (array_record, one record)'] = _rate(lambda i: records.data_source[i], order)
+    rates['read + decode (record → uint8 136 px)'] = _rate(lambda i: stored[i], order)
+
+    images = [rendered[i]['image'] for i in range(1, 65)]
+    crop_rng = np.random.default_rng(1)
+    rates[f'random resized crop + bicubic resize to {size}'] = _rate(
+        lambda im: pipeline.random_resized_crop(im, size, crop_rng, scale=tuple(config.input.crop_scale)), images)
+    small = [np.ascontiguousarray(im[:size, :size]) for im in images]
+    rates['flip (always; the pipeline flips half)'] = _rate(lambda im: np.ascontiguousarray(im[:, ::-1]), small)
+    rates['batch (np.stack of 64)'] = 64 * _rate(lambda _: np.stack(small), list(range(20)))
+
+    print(f'input stages, one thread: {_machine()}, {len(stored)} prepared {name}/{split} records in {data_dir}')
+    for what, rate in rates.items():
+        print(f'  {what}: {rate:,.0f} images/s ({1e3 / rate:.3f} ms/image)')
+    augment = [k for k in rates if k.startswith(('random resized', 'flip', 'batch'))]
+    per_image = {'rendered': 1 / rates['render (synthetic face, 136 px)'],
+                 'prepared': 1 / rates['read + decode (record → uint8 136 px)']}
+    for src_name in per_image:
+        # the pipeline flips half the images
+        per_image[src_name] += sum((0.5 if k.startswith('flip') else 1.0) / rates[k] for k in augment)
+        print(f'  {src_name} ({name if src_name == "prepared" else "synthetic"}), all stages: '
+              f'{1 / per_image[src_name]:,.0f} images/s per core; '
+              f'{target:,.0f} images/s needs {target * per_image[src_name]:.1f} cores')
+    for w in workers:
+        for src_name, src in (('rendered', rendered), ('prepared', stored)):
+            print(f'  grain pipeline, {src_name}, {w} worker processes: {_pipeline_rate(src, config, w):,.0f} images/s')
+    if tmp:
+        import shutil
+        shutil.rmtree(tmp, ignore_errors=True)
+    return {'rates': rates, 'per_image_s': per_image}
+
+
 def bench_loss(config) -> None:
     """The LCR loss (projector output → loss, forward + backward) on |T| selected tokens vs all N."""
     from sce_mae_jax import carb
@@ -260,6 +350,9 @@ def main(argv):
         bench_features(config)
     elif FLAGS.mode == 'data':
         bench_data(config)
+    elif FLAGS.mode == 'input':
+        bench_input(config, FLAGS.input_data_dir, FLAGS.input_images, [int(w) for w in FLAGS.input_workers],
+                    FLAGS.input_target)
     elif FLAGS.mode == 'loss':
         bench_loss(config)
     elif FLAGS.mode == 'matmul':
