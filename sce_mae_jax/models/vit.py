@@ -145,7 +145,7 @@ class Mlp(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block: x + attn(norm1(x)), then + mlp(norm2(x)). `key_mask` (batch, T) hides tokens
+    """Pre-norm transformer block: x += attn(norm1(x)); x += mlp(norm2(x)). `key_mask` (batch, T) hides tokens
     from attention (CARB's mode A). `fused_ops` picks the custom-VJP operations or plain autodiff
     (models/fused.py); the parameters are the same either way."""
     num_heads: int
