@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, SupportsIndex
 
 import numpy as np
+from absl import logging
 
 from sce_mae_jax.data.preprocess import DatasetError
 
@@ -147,7 +148,11 @@ def _synthetic_source(split: str, *, seed: int, clutter: bool, data_dir):
         from sce_mae_jax.data.builders import synthetic as stored
         prepared = stored.builder(seed, clutter, os.fspath(data_dir))
         if prepared.is_prepared():
-            return stored.PreparedFaces(prepared, split)
+            faces = stored.PreparedFaces(prepared, split)
+            if len(faces) != synthetic.DEFAULT_SIZES[split]:  # prepared with --num_examples: epochs change
+                logging.warning('reading %d prepared synthetic %s faces from %s (the generator has %d)',
+                                len(faces), split, prepared.data_dir, synthetic.DEFAULT_SIZES[split])
+            return faces
     return synthetic.SyntheticFaces(split, seed=seed, clutter=clutter)
 
 
