@@ -5,6 +5,9 @@
     python -m sce_mae_jax.bench --config=configs/carb_deit_s.py --steps=20
     # synthetic-face generator and stage-1 input pipeline images/s on this host
     python -m sce_mae_jax.bench --config=configs/mae_deit_s.py --mode=data
+    # per-core images/s of each input stage (render, read, decode, crop/resize, flip, batch), rendered and
+    # prepared faces, and the cores a step rate needs; --input_data_dir=DIR times a prepared real dataset
+    python -m sce_mae_jax.bench --config=configs/mae_deit_s.py --mode=input
     # stage-2 loss: selective (attentive + centres) vs full correspondence, FLOPs / memory / time
     python -m sce_mae_jax.bench --config=configs/carb_deit_s.py --mode=loss
     # bare fp32 matmul GFLOP/s at the MAE step's shapes: the ceiling any implementation has on this device
@@ -12,7 +15,10 @@
     # evaluation features: cover-and-stride at each stride (+ upsampling to 96 px and the projector), images/s
     python -m sce_mae_jax.bench --config=configs/carb_deit_s.py --config.batch_size=32 --mode=features
 
-The last line of `--mode=step` is `imgs_per_s=<number>`.
+`--mode=step` prints the device, dtype, batch, step time, images/s, MFU and peak memory; its last line is
+`imgs_per_s=<number>`. MFU is the analytic model FLOPs (flops.py) over the device kind's datasheet peak
+(flops.PEAKS), not XLA's cost analysis, which leaves out the cuBLAS calls on GPU; kinds not in the table (CPUs)
+get no MFU unless `--peak_tflops` gives one.
 """
 from __future__ import annotations
 
@@ -20,6 +26,7 @@ import functools
 import platform
 import resource
 import time
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -27,12 +34,21 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
+from sce_mae_jax import flops
+
 config_flags.DEFINE_config_file('config', None, 'A training config (configs/*.py[:arg]).', lock_config=True)
-flags.DEFINE_enum('mode', 'step', ['step', 'data', 'loss', 'matmul', 'features'], 'What to measure.')
+flags.DEFINE_enum('mode', 'step', ['step', 'data', 'input', 'loss', 'matmul', 'features'], 'What to measure.')
+flags.DEFINE_string('input_data_dir', '', 'With --mode=input: where config.data is prepared as array_record; '
+                    "'' = prepare --input_images synthetic faces in a temporary folder.")
+flags.DEFINE_integer('input_images', 300, 'With --mode=input: images timed per stage.')
+flags.DEFINE_list('input_workers', ['0', '2'], 'With --mode=input: grain worker processes of the end-to-end runs.')
+flags.DEFINE_float('input_target', 5763.0, 'With --mode=input: the step rate (images/s) the input must feed; '
+                   "the default is the issue's H100 DeiT-S bf16 batch-512 step.")
 flags.DEFINE_list('strides', ['8', '4', '2'], 'With --mode=features: the cover-and-stride strides to time.')
 flags.DEFINE_integer('steps', 20, 'Timed steps (after warm-up).')
 flags.DEFINE_integer('warmup', 3, 'Untimed steps after compilation.')
-flags.DEFINE_float('peak_tflops', 0.0, 'Measured peak of the device (TFLOP/s) to report model FLOP utilisation.')
+flags.DEFINE_float('peak_tflops', 0.0, 'Peak TFLOP/s of one device to report MFU against, overriding the '
+                   'datasheet table (flops.PEAKS); needed for device kinds not in it, e.g. CPUs.')
 FLAGS = flags.FLAGS
 
 
@@ -41,17 +57,35 @@ def _machine() -> str:
     return f'{jax.device_count()}x {d.device_kind} ({d.platform}), host {platform.node()}, jax {jax.__version__}'
 
 
-def _peak_memory_gib() -> str:
+def peak_memory() -> str:
+    """The device allocator's peak where the backend keeps one (GPU, TPU); XLA:CPU keeps none, so there the
+    process's peak resident set, which includes the host-side Python, data and compiler memory."""
     stats = jax.devices()[0].memory_stats() or {}
     if 'peak_bytes_in_use' in stats:
-        return f'device peak {stats["peak_bytes_in_use"] / 2**30:.2f} GiB'
-    return f'host peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB'
+        return f'device peak {stats["peak_bytes_in_use"] / 2**30:.2f} GiB (device 0)'
+    return f'host peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB (no device stats)'
 
 
 def _flops(compiled) -> float:
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     return float((cost or {}).get('flops', 0.0))
+
+
+def mfu_line(model_flops_per_image: float, images_per_s: float, dtype: str, peak_override: float = 0.0) -> str:
+    """Analytic model FLOP/s per device against the device kind's datasheet peak (flops.PEAKS), or against
+    `peak_override` TFLOP/s when given; no MFU where neither is known."""
+    per_device = model_flops_per_image * images_per_s / jax.device_count() / 1e12
+    line = f'model FLOPs {model_flops_per_image / 1e9:.2f} G/image (analytic), {per_device:.3f} TFLOP/s per device'
+    kind = jax.devices()[0].device_kind
+    if peak_override:
+        peak, source = peak_override, '--peak_tflops'
+    else:
+        found = flops.peak_tflops(kind, dtype)
+        if found is None:
+            return line + f', MFU n/a (no {dtype} peak known for device kind {kind!r}; pass --peak_tflops)'
+        peak, source = found
+    return line + f', MFU {100 * per_device / peak:.1f}% of {peak:g} TFLOP/s ({source})'
 
 
 def build_step(config):
@@ -75,34 +109,36 @@ def build_step(config):
     raise ValueError(f'no benchmark for job {config.job!r}')
 
 
-def bench_step(config) -> float:
+def bench_step(config, steps: int, warmup: int, peak_override: float = 0.0) -> dict:
+    """Times the compiled train step; prints device, dtype, batch, step time, images/s, MFU and peak memory."""
+    if steps < 1 or warmup < 0:
+        raise ValueError(f'need steps >= 1 and warmup >= 0, got steps={steps} warmup={warmup}')
     step, state, extra, batch = build_step(config)
     t0 = time.perf_counter()
     compiled = step.lower(state, *extra, batch).compile()
     print(f'compile: {time.perf_counter() - t0:.1f} s')
-    flops = _flops(compiled)
     mem = compiled.memory_analysis()
     temp = f', XLA temp buffers {mem.temp_size_in_bytes / 2**30:.2f} GiB' if mem is not None else ''
-    for _ in range(FLAGS.warmup):
+    for _ in range(warmup):
         state, metrics = compiled(state, *extra, batch)
-    jax.block_until_ready(metrics)
+    jax.block_until_ready(state)
     t0 = time.perf_counter()
-    for _ in range(FLAGS.steps):
+    for _ in range(steps):
         state, metrics = compiled(state, *extra, batch)
     jax.block_until_ready((state, metrics))
-    dt = (time.perf_counter() - t0) / FLAGS.steps
+    dt = (time.perf_counter() - t0) / steps
     ips = config.batch_size / dt
+    dtype = config.model.get('dtype', 'float32')
     print(f'machine: {_machine()}')
-    print(f'job={config.job} batch={config.batch_size} dtype={config.model.get("dtype", "float32")} '
-          f'step={dt * 1e3:.1f} ms  loss={float(metrics["loss"]):.4f}  {_peak_memory_gib()}{temp}')
-    if flops:
-        achieved = flops / dt / 1e12
-        line = f'XLA-counted step FLOPs {flops / 1e9:.1f} G ({flops / config.batch_size / 1e9:.2f} G/image), {achieved:.2f} TFLOP/s'
-        if FLAGS.peak_tflops:
-            line += f', MFU {100 * achieved / FLAGS.peak_tflops:.1f}% of {FLAGS.peak_tflops} TFLOP/s'
-        print(line)
+    print(f'job={config.job} batch={config.batch_size} dtype={dtype} step={dt * 1e3:.1f} ms '
+          f'images/s={ips:.2f} loss={float(metrics["loss"]):.4f}')
+    print(mfu_line(flops.step_flops(config), ips, dtype, peak_override))
+    print(f'memory: {peak_memory()}{temp}')
+    xla = _flops(compiled)
+    if xla:  # kept for comparison only: it misses cuBLAS calls on GPU and counts recomputation
+        print(f'XLA cost analysis (not used for MFU): {xla / config.batch_size / 1e9:.2f} G/image')
     print(f'imgs_per_s={ips:.2f}')
-    return ips
+    return {'step_s': dt, 'images_per_s': ips, 'loss': float(metrics['loss'])}
 
 
 def bench_data(config) -> None:
@@ -129,6 +165,86 @@ def bench_data(config) -> None:
         print(f'stage-1 pipeline (generate + random resized crop + flip, batch 64, {workers} worker processes): '
               f'{rate:.0f} images/s')
     print(f'machine: {_machine()}')
+
+
+def _rate(fn, items) -> float:
+    """Items per second of `fn` over `items`, one call each, after one untimed call."""
+    fn(items[0])
+    t0 = time.perf_counter()
+    for item in items:
+        fn(item)
+    return len(items) / (time.perf_counter() - t0)
+
+
+def _pipeline_rate(source, config, workers: int, batch: int = 64, batches: int = 40) -> float:
+    from sce_mae_jax.data import pipeline
+    it = pipeline.train_iterator(source, global_batch=batch, seed=0, num_workers=workers,
+                                 transform=pipeline.pretrain_augment(config.model.image_size,
+                                                                     config.input.crop_scale, config.input.flip))
+    next(it)
+    t0 = time.perf_counter()
+    for _ in range(batches):  # long enough that batches prefetched before the clock starts count little
+        next(it)
+    return batches * batch / (time.perf_counter() - t0)
+
+
+def bench_input(config, data_dir: str, n: int, workers: Sequence[int], target: float) -> dict:
+    """Per-core images/s of each stage of the stage-1 input, one thread in this process, then the grain pipeline
+    end to end. The prepared array_record set is `config.data`/`config.split` in `data_dir`; without one,
+    `n` synthetic faces are prepared into a temporary folder (`prepare --dataset=synthetic`)."""
+    import tempfile
+
+    from sce_mae_jax.data import pipeline, sources
+    from sce_mae_jax.data.synthetic import SyntheticFaces
+
+    rng = np.random.default_rng(0)
+    size = config.model.image_size
+    rendered = SyntheticFaces('pretrain', seed=config.data_seed)
+    rates = {'render (synthetic face, 136 px)': _rate(lambda i: rendered[i], list(range(1, n + 1)))}
+
+    tmp = None
+    if not data_dir:
+        tmp = data_dir = tempfile.mkdtemp(prefix='bench_input_')
+        sources.prepare_synthetic('synthetic', data_dir=data_dir, seed=config.data_seed, num_examples=max(n, 256))
+        name, split = 'synthetic', 'pretrain'
+    else:
+        name, split = config.data, config.get('split', 'pretrain')
+    stored = sources.get_source(name, split, data_dir=data_dir, manual_dir=None, seed=config.data_seed)
+    records = getattr(stored, '_records', None) or getattr(stored, '_source', None)  # the TFDS data source
+    order = [int(i) for i in rng.permutation(len(stored))[:n]]
+    for i in order:  # one pass first: the timings are of the page cache, not the disk
+        stored[i]
+    if records is not None and hasattr(records, 'data_source'):
+        rates['read (array_record, one record)'] = _rate(lambda i: records.data_source[i], order)
+    rates['read + decode (record → uint8 136 px)'] = _rate(lambda i: stored[i], order)
+
+    images = [rendered[i]['image'] for i in range(1, 65)]
+    crop_rng = np.random.default_rng(1)
+    rates[f'random resized crop + bicubic resize to {size}'] = _rate(
+        lambda im: pipeline.random_resized_crop(im, size, crop_rng, scale=tuple(config.input.crop_scale)), images)
+    small = [np.ascontiguousarray(im[:size, :size]) for im in images]
+    rates['flip (always; the pipeline flips half)'] = _rate(lambda im: np.ascontiguousarray(im[:, ::-1]), small)
+    rates['batch (np.stack of 64)'] = 64 * _rate(lambda _: np.stack(small), list(range(20)))
+
+    print(f'input stages, one thread: {_machine()}, {len(stored)} prepared {name}/{split} records in {data_dir}')
+    for what, rate in rates.items():
+        print(f'  {what}: {rate:,.0f} images/s ({1e3 / rate:.3f} ms/image)')
+    augment = [k for k in rates if k.startswith(('random resized', 'flip', 'batch'))]
+    per_image = {'rendered': 1 / rates['render (synthetic face, 136 px)'],
+                 'prepared': 1 / rates['read + decode (record → uint8 136 px)']}
+    for src_name in per_image:
+        # the pipeline flips half the images
+        per_image[src_name] += sum((0.5 if k.startswith('flip') else 1.0) / rates[k] for k in augment)
+        print(f'  {src_name} ({name if src_name == "prepared" else "synthetic"}), all stages: '
+              f'{1 / per_image[src_name]:,.0f} images/s per core; '
+              f'{target:,.0f} images/s needs {target * per_image[src_name]:.1f} cores')
+    for w in workers:
+        for src_name, src in (('rendered', rendered), ('prepared', stored)):
+            print(f'  grain pipeline, {src_name}, {w} worker processes: {_pipeline_rate(src, config, w):,.0f} images/s')
+    if tmp:
+        import shutil
+        shutil.rmtree(tmp, ignore_errors=True)
+    return {'rates': rates, 'per_image_s': per_image}
 
 
 def bench_loss(config) -> None:
@@ -224,7 +340,7 @@ def bench_features(config) -> None:
             out.block_until_ready()
             dt = (time.perf_counter() - t0) / FLAGS.steps
             print(f'stride {stride} ({(encoder.patch_size // stride) ** 2} passes), {name}: map {out.shape[1:]}, '
-                  f'{config.batch_size / dt:.1f} images/s, {_peak_memory_gib()}')
+                  f'{config.batch_size / dt:.1f} images/s, {peak_memory()}')
 
 
 def main(argv):
@@ -234,12 +350,15 @@ def main(argv):
         bench_features(config)
     elif FLAGS.mode == 'data':
         bench_data(config)
+    elif FLAGS.mode == 'input':
+        bench_input(config, FLAGS.input_data_dir, FLAGS.input_images, [int(w) for w in FLAGS.input_workers],
+                    FLAGS.input_target)
     elif FLAGS.mode == 'loss':
         bench_loss(config)
     elif FLAGS.mode == 'matmul':
         bench_matmul(config)
     else:
-        bench_step(config)
+        bench_step(config, FLAGS.steps, FLAGS.warmup, FLAGS.peak_tflops)
 
 
 if __name__ == '__main__':

@@ -65,7 +65,10 @@ def mae(size: str, arg: str | None) -> ml_collections.ConfigDict:
     c.weight_decay = 0.05
     c.b1, c.b2 = 0.9, 0.95
     c.model = dict(**DEIT[SIZES[size]], mlp_ratio=4.0, patch_size=8, image_size=96, decoder_embed_dim=512,
-                   decoder_depth=8, decoder_num_heads=16, mask_ratio=0.75, norm_pix_loss=True, dtype='float32')
+                   decoder_depth=8, decoder_num_heads=16, mask_ratio=0.75, norm_pix_loss=True, dtype='float32',
+                   # custom-VJP LayerNorm·Dense, GELU·Dense and attention (models/fused.py); False: plain autodiff
+                   # and jax.nn.dot_product_attention, the same values
+                   fused_ops=True)
     c.input = dict(crop_scale=(0.2, 1.0), flip=True, workers=0)
     return c
 

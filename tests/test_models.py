@@ -1,12 +1,10 @@
-"""ViT/MAE: parameter counts, the reference MAE's conventions, the loss against a NumPy computation, and the
-hand-written backward passes against autodiff of the plain formulas."""
-import flax.linen as nn
+"""ViT/MAE: parameter counts, the reference MAE's conventions and the loss against a NumPy computation. The
+fused operations' backward passes are tested in test_fused.py."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sce_mae_jax.models import vit
 from sce_mae_jax.models.mae import MAE, random_masking_ids
 from sce_mae_jax.models.vit import ViT, patchify, sincos_pos_embed_2d, unpatchify, vit_for
 
@@ -128,54 +126,3 @@ def test_bfloat16_compute_keeps_float32_parameters():
     loss16, _, _ = model.apply({'params': params}, x, noise=noise)
     loss32, _, _ = _tiny_mae().apply({'params': params}, x, noise=noise)
     assert loss16.dtype == jnp.float32 and abs(float(loss16) - float(loss32)) < 0.05 * float(loss32)
-
-
-def _vjp_pair(fn, ref, args, seed=0):
-    """Outputs and input gradients (for a random cotangent) of a custom-VJP function and of its plain form."""
-    out, back = jax.vjp(fn, *args)
-    ref_out, ref_back = jax.vjp(ref, *args)
-    ct = jax.random.normal(jax.random.PRNGKey(seed), out.shape, out.dtype)
-    return (out, back(ct)), (ref_out, ref_back(ct))
-
-
-def _assert_vjp_matches(fn, ref, args, rtol=2e-5, atol=2e-5):
-    (out, grads), (ref_out, ref_grads) = _vjp_pair(fn, ref, args)
-    np.testing.assert_allclose(out, ref_out, rtol=rtol, atol=atol)
-    for g, r in zip(grads, ref_grads):
-        np.testing.assert_allclose(g, r, rtol=rtol, atol=atol)
-
-
-@pytest.mark.parametrize('masked', [False, True])
-def test_attention_vjp_matches_autodiff(masked):
-    keys = jax.random.split(jax.random.PRNGKey(1), 3)
-    q, k, v = (jax.random.normal(kk, (3, 2, 7, 4)) for kk in keys)
-    mask = jnp.asarray(np.random.default_rng(0).random((3, 7)) < 0.6).at[:, 0].set(True) if masked else None
-    scale = 0.5
-
-    def ref(q, k, v):
-        logits = jnp.einsum('bhqd,bhkd->bhqk', q, k) * scale
-        if mask is not None:
-            logits = jnp.where(mask[:, None, None, :], logits, -jnp.inf)
-        return jnp.einsum('bhqk,bhkd->bqhd', jax.nn.softmax(logits, axis=-1), v)
-
-    _assert_vjp_matches(lambda q, k, v: vit._attention(q, k, v, mask, scale), ref, (q, k, v))
-
-
-def test_gelu_dense_vjp_matches_autodiff():
-    keys = jax.random.split(jax.random.PRNGKey(2), 3)
-    h = 2 * jax.random.normal(keys[0], (2, 5, 8))
-    kernel, bias = jax.random.normal(keys[1], (8, 3)), jax.random.normal(keys[2], (3,))
-    _assert_vjp_matches(vit._gelu_dense, lambda h, w, b: jax.nn.gelu(h, approximate=False) @ w + b, (h, kernel, bias))
-
-
-def test_norm_dense_vjp_matches_flax_layernorm_then_dense():
-    keys = jax.random.split(jax.random.PRNGKey(3), 5)
-    x = 3 + 2 * jax.random.normal(keys[0], (2, 5, 8))
-    scale, shift = 1 + jax.random.normal(keys[1], (8,)), jax.random.normal(keys[2], (8,))
-    kernel, bias = jax.random.normal(keys[3], (8, 6)), jax.random.normal(keys[4], (6,))
-
-    def ref(x, scale, shift, kernel, bias):
-        y = nn.LayerNorm(vit.LN_EPS).apply({'params': {'scale': scale, 'bias': shift}}, x)
-        return y @ kernel + bias
-
-    _assert_vjp_matches(vit._norm_dense, ref, (x, scale, shift, kernel, bias), rtol=1e-4, atol=1e-4)

@@ -1,8 +1,11 @@
-"""Prepares one real dataset (all its splits) as array_record files.
+"""Prepares one dataset (all its splits) as array_record files.
 
     python -m sce_mae_jax.data.prepare --dataset=mafl --manual_dir=/data/celeba --data_dir=/data/tfds
+    python -m sce_mae_jax.data.prepare --dataset=synthetic --data_dir=/data/tfds [--seed=0] [--num_examples=N]
 
-Datasets: celeba, mafl, aflw_m, aflw_r, aflw_rc, 300w; manual_dir layouts in docs/datasets.md.
+Datasets: celeba, mafl, aflw_m, aflw_r, aflw_rc, 300w (manual_dir layouts in docs/datasets.md), and synthetic,
+synthetic_plain: the generator's faces rendered once, which training then reads from --config.data_dir instead
+of rendering them every step (needs no manual_dir; --seed is --config.data_seed).
 """
 
 from __future__ import annotations
@@ -16,12 +19,23 @@ from sce_mae_jax.data import sources
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog='python -m sce_mae_jax.data.prepare', description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--dataset', required=True, choices=sorted(sources.DATASETS))
-    parser.add_argument('--manual_dir', required=True, help='folder with the raw files (docs/datasets.md)')
+    synthetic = (sources.SYNTHETIC, sources.SYNTHETIC_PLAIN)
+    parser.add_argument('--dataset', required=True, choices=sorted(sources.DATASETS) + list(synthetic))
+    parser.add_argument('--manual_dir', default=None, help='folder with the raw files (docs/datasets.md); '
+                        'required for the real datasets')
     parser.add_argument('--data_dir', default=None, help='output folder (TFDS default ~/tensorflow_datasets)')
+    parser.add_argument('--seed', type=int, default=0, help='synthetic only: the generator seed (data_seed)')
+    parser.add_argument('--num_examples', type=int, default=None,
+                        help='synthetic only: at most this many faces per split (default: each split\'s size)')
     args = parser.parse_args(argv)
+    if args.dataset not in synthetic and args.manual_dir is None:
+        parser.error(f'--manual_dir is required for --dataset={args.dataset}')
     try:
-        builder = sources.prepare(args.dataset, manual_dir=args.manual_dir, data_dir=args.data_dir)
+        if args.dataset in synthetic:
+            builder = sources.prepare_synthetic(args.dataset, data_dir=args.data_dir, seed=args.seed,
+                                                num_examples=args.num_examples)
+        else:
+            builder = sources.prepare(args.dataset, manual_dir=args.manual_dir, data_dir=args.data_dir)
     except sources.DatasetError as e:
         print(f'error: {e}', file=sys.stderr)
         return 1

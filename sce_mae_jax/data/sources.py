@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, SupportsIndex
 
 import numpy as np
+from absl import logging
 
 from sce_mae_jax.data.preprocess import DatasetError
 from sce_mae_jax.errors import ConfigError
@@ -157,6 +158,42 @@ class LandmarkSource:
                 f'num_landmarks={self.num_landmarks}, iod_indices={self.iod_indices})')
 
 
+def _synthetic_source(split: str, *, seed: int, clutter: bool, data_dir):
+    """The faces from `python -m sce_mae_jax.data.prepare --dataset=synthetic` when they are prepared in
+    `data_dir` (the same items, read instead of rendered), else rendered on the fly. Without a data_dir nothing
+    but the generator is imported (TFDS is slow to import)."""
+    from sce_mae_jax.data import synthetic  # written separately; imported only when asked for
+    if data_dir is not None:
+        from sce_mae_jax.data.builders import synthetic as stored
+        prepared = stored.builder(seed, clutter, os.fspath(data_dir))
+        if prepared.is_prepared():
+            faces = stored.PreparedFaces(prepared, split)
+            if len(faces) != synthetic.DEFAULT_SIZES[split]:  # prepared with --num_examples: epochs change
+                logging.warning('reading %d prepared synthetic %s faces from %s (the generator has %d)',
+                                len(faces), split, prepared.data_dir, synthetic.DEFAULT_SIZES[split])
+            return faces
+    return synthetic.SyntheticFaces(split, seed=seed, clutter=clutter)
+
+
+def prepare_synthetic(name: str, *, data_dir=None, seed: int = 0, num_examples: int | None = None):
+    """Renders `synthetic` / `synthetic_plain` (all splits, each capped at `num_examples`) into `data_dir`
+    unless there already; returns the builder. A different cap than the prepared one is an error, not a
+    silent reuse."""
+    from sce_mae_jax.data.builders import synthetic as stored
+    builder = stored.builder(seed, name == SYNTHETIC, None if data_dir is None else os.fspath(data_dir))
+    if builder.is_prepared():
+        from sce_mae_jax.data import synthetic
+        want = {s: n if num_examples is None else min(n, num_examples) for s, n in synthetic.DEFAULT_SIZES.items()}
+        have = {s: info.num_examples for s, info in builder.info.splits.items()}
+        if have != want:
+            raise DatasetError(f'{name} seed {seed} is already prepared in {builder.data_dir} with {have} '
+                               f'examples, not {want}: delete that folder to prepare it again')
+        return builder
+    builder.num_examples = num_examples
+    builder.download_and_prepare()
+    return builder
+
+
 def get_source(name: str, split: str, *, manual_dir: str | os.PathLike | None = None,
                data_dir: str | os.PathLike | None = None, seed: int = 0):
     """A random-access source for ``name``/``split``.
@@ -167,15 +204,15 @@ def get_source(name: str, split: str, *, manual_dir: str | os.PathLike | None = 
         split: see above.
         manual_dir: raw files, needed only the first time (preparation).
         data_dir: where the prepared array_record files live (TFDS default ``~/tensorflow_datasets``).
-        seed: only for ``synthetic``.
+        seed: only for ``synthetic``; with a data_dir where `prepare_synthetic` has written that seed, the
+            faces are read from there instead of rendered.
     Returns:
         An object with ``__len__``, ``__getitem__`` -> ``{'image': uint8 (136, 136, 3), 'landmarks': float32
         (L, 2), 'index': int64}``, ``num_landmarks`` and ``iod_indices``.
     """
     check(name, split)
     if name in (SYNTHETIC, SYNTHETIC_PLAIN):
-        from sce_mae_jax.data import synthetic  # written separately; imported only when asked for
-        source = synthetic.SyntheticFaces(split, seed=seed, clutter=name == SYNTHETIC)
+        source = _synthetic_source(split, seed=seed, clutter=name == SYNTHETIC, data_dir=data_dir)
         # Same attributes as the real sets; its 'landmarks' are the 5 MAFL-order points.
         for attr, default in (('num_landmarks', 5), ('iod_indices', (0, 1))):
             if not hasattr(source, attr):

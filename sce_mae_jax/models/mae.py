@@ -63,17 +63,18 @@ class MAE(nn.Module):
     mask_ratio: float = 0.75
     norm_pix_loss: bool = True
     dtype: str = 'float32'
+    fused_ops: bool = True   # models/fused.py: custom-VJP operations (True) or plain autodiff (False)
 
     def setup(self):
         dtype = DTYPES[self.dtype]
         self.encoder = ViT(self.embed_dim, self.depth, self.num_heads, self.mlp_ratio, self.patch_size,
-                           self.image_size, dtype)
+                           self.image_size, dtype, self.fused_ops)
         self.decoder_embed = nn.Dense(self.decoder_embed_dim, dtype=dtype, kernel_init=xavier)
         self.mask_token = self.param('mask_token', nn.initializers.normal(0.02), (1, 1, self.decoder_embed_dim))
         self.decoder_pos_embed = self.param('decoder_pos_embed', sincos_init(self.grid, self.grid),
                                             (1, self.grid * self.grid + 1, self.decoder_embed_dim))
-        self.decoder_blocks = [Block(self.decoder_num_heads, self.mlp_ratio, dtype, name=f'decoder_blocks_{i}')
-                               for i in range(self.decoder_depth)]
+        self.decoder_blocks = [Block(self.decoder_num_heads, self.mlp_ratio, dtype, self.fused_ops,
+                                     name=f'decoder_blocks_{i}') for i in range(self.decoder_depth)]
         self.decoder_norm = nn.LayerNorm(LN_EPS, dtype=dtype)
         self.decoder_pred = nn.Dense(self.patch_size ** 2 * 3, dtype=dtype, kernel_init=xavier)
 
@@ -114,10 +115,11 @@ class MAE(nn.Module):
 
 
 def encoder_from_model_config(model_config) -> ViT:
-    """The bare encoder (for stage 2 and evaluation) from the stage-1 `config.model`."""
+    """The bare encoder (for stage 2 and evaluation) from the stage-1 `config.model`; a config.json written
+    before a field existed gets the field's default."""
     m = dict(model_config)
     return ViT(m['embed_dim'], m['depth'], m['num_heads'], m.get('mlp_ratio', 4.0), m['patch_size'],
-               m['image_size'], DTYPES[m.get('dtype', 'float32')])
+               m['image_size'], DTYPES[m.get('dtype', 'float32')], m.get('fused_ops', True))
 
 
 # The value of `init_from` (stage 2) that asks for an untrained backbone: the `random_init` control.

@@ -1,0 +1,65 @@
+"""`prepare --dataset=synthetic`: the stored faces are the rendered ones, and get_source reads them from the
+data_dir they were prepared in (and renders where they are not)."""
+import numpy as np
+import pytest
+
+from sce_mae_jax.data import pipeline, prepare, sources
+from sce_mae_jax.data.synthetic import SyntheticFaces
+
+N = 6
+
+
+@pytest.fixture(scope='module')
+def data_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp('tfds')
+    assert prepare.main(['--dataset=synthetic', f'--data_dir={out}', f'--num_examples={N}', '--seed=3']) == 0
+    return out
+
+
+def test_prepared_faces_are_the_rendered_ones(data_dir):
+    src = sources.get_source('synthetic', 'pretrain', data_dir=data_dir, seed=3)
+    assert type(src).__name__ == 'PreparedFaces' and len(src) == N
+    assert (src.num_landmarks, src.iod_indices) == (5, (0, 1))
+    rendered = SyntheticFaces('pretrain', seed=3)
+    for i in (0, N - 1, -1):
+        got, want = src[i], rendered[i % N]
+        assert set(got) == set(want)
+        for key in want:
+            np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+    assert src.identity_of(4) == rendered.identity_of(4)
+    with pytest.raises(IndexError):
+        src[N]
+
+
+def test_other_seeds_and_no_data_dir_are_rendered(data_dir):
+    assert type(sources.get_source('synthetic', 'match', data_dir=data_dir, seed=0)) is SyntheticFaces
+    assert type(sources.get_source('synthetic_plain', 'match', data_dir=data_dir, seed=3)) is SyntheticFaces
+    assert type(sources.get_source('synthetic', 'match', seed=3)) is SyntheticFaces
+
+
+def test_a_different_size_is_refused(data_dir):
+    with pytest.raises(sources.DatasetError, match='already prepared'):
+        sources.prepare_synthetic('synthetic', data_dir=data_dir, seed=3, num_examples=N + 1)
+
+
+def test_the_training_pipeline_reads_it_with_workers(data_dir):
+    src = sources.get_source('synthetic', 'train', data_dir=data_dir, seed=3)
+    it = pipeline.train_iterator(src, global_batch=4, seed=0, num_workers=1,
+                                 transform=pipeline.pretrain_augment(32))
+    assert next(it)['image'].shape == (4, 32, 32, 3)
+
+
+def test_real_datasets_still_need_a_manual_dir(capsys):
+    with pytest.raises(SystemExit):
+        prepare.main(['--dataset=mafl'])
+    assert '--manual_dir is required' in capsys.readouterr().err
+
+
+def test_bench_input_times_every_stage(data_dir, capsys):
+    from sce_mae_jax import bench, config_lib
+    config = config_lib.mae('t', None)
+    config.data_seed = 3
+    out = bench.bench_input(config, str(data_dir), n=4, workers=[], target=1000.0)
+    assert set(out['per_image_s']) == {'rendered', 'prepared'}
+    assert len(out['rates']) == 6 and all(r > 0 for r in out['rates'].values())
+    assert '1,000 images/s needs' in capsys.readouterr().out
