@@ -5,9 +5,13 @@ r"""Stage 2: CARB + LCR loss on a frozen DeiT-B from stage 1; trains a 256-d pro
 
 Real data (the paper trains stage 2 on CelebA): add `:data=celeba` and --config.manual_dir / --config.data_dir.
 Arguments after ':' (comma-separated): data=NAME, dim=64|128|256, ablation=NAME with NAME one of
-none, no_clustering, no_lcr, no_locality, no_att_att, no_att_inatt, no_inatt_inatt, lead (docs/ablations.md).
+none, no_clustering, no_lcr, no_locality, no_att_att, no_att_inatt, no_inatt_inatt, lead (docs/ablations.md),
+and split=NAME, the attentive-split criterion: cls (eq. 1, the paper's, default), cls_debiased, density,
+contrast or recon. Check eq. 1's premise on your backbone first
+(python -m sce_mae_jax.evals.attentive --init_from=<stage-1 workdir> --splits=all); where eq. 1's attentive
+tokens hold landmarks no more often than chance, use split=recon (docs/ablations.md, docs/results.md).
 Expect the LCR loss to fall over the first few hundred steps and figures/clusters_*.png to show the
-inattentive clusters on cheeks, forehead and background.
+inattentive clusters on cheeks, forehead and background (untinted cells are attentive).
 """
 from sce_mae_jax import config_lib
 
