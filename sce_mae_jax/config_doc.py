@@ -21,7 +21,6 @@ import tokenize
 
 import ml_collections
 
-from sce_mae_jax import config_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

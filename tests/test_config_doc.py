@@ -1,4 +1,5 @@
-"""docs/configs.md is generated from the configs (sce_mae_jax/config_doc.py) and must match them."""
+"""docs/configs.md is generated from the configs (sce_mae_jax/config_doc.py) and must match them; the job
+commands the docs give must be command lines that main.py accepts."""
 import glob
 import os
 import re
@@ -63,3 +64,34 @@ def test_comments_come_from_the_code_that_set_the_field():
     # a keyword's comment inside dict(...), including the comment lines above it
     assert rows['stage2.carb.untrained_decoder'][1].startswith('split=recon with init_from=random_init')
     assert rows['stage1.model.fused_ops'][1].startswith('custom-VJP LayerNorm')
+
+
+def _documented_commands():
+    """Every `python -m sce_mae_jax.main ...` command of the docs (continuation lines joined)."""
+    out = []
+    for path in [os.path.join(REPO, 'README.md'), *sorted(glob.glob(os.path.join(REPO, 'docs', '*.md')))]:
+        with open(path) as f:
+            text = re.sub(r'\\\n\s*', ' ', f.read())
+        for m in re.finditer(r'python -m sce_mae_jax\.main (.*)', text):
+            line = m.group(1).split('`')[0].split('#')[0].replace('[', ' ').replace(']', ' ')
+            out.append((os.path.basename(path), line.split()))
+    return out
+
+
+REPRODUCING = [c for c in _documented_commands() if c[0] == 'reproducing.md']
+
+
+def test_reproducing_md_has_its_commands():
+    assert len(REPRODUCING) >= 10  # the stages and evaluations of Tables 1-3
+
+
+@pytest.mark.parametrize('where, args', REPRODUCING, ids=[f'{a[0]}-{i}' for i, (_, a) in enumerate(REPRODUCING)])
+def test_reproducing_commands_are_valid_command_lines(where, args):
+    """Config file, variant after ':' and every --config.x field exist (cli.problem: what main.py checks
+    before JAX starts), with placeholders such as DIR taken literally."""
+    cwd = os.getcwd()
+    os.chdir(REPO)
+    try:
+        assert cli.problem(['main', *args]) is None, (where, args, cli.problem(['main', *args]))
+    finally:
+        os.chdir(cwd)
