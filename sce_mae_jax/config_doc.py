@@ -157,6 +157,7 @@ def _walk(module: _Module, func: ast.FunctionDef, names: dict[str, str], out: di
 
 
 def _flatten(config: ml_collections.ConfigDict, prefix: str = ''):
+    """(dotted field, its default as text) in key order; (group, None) before a group's fields."""
     for key in config.keys():
         path = f'{prefix}{key}'
         value = config[key]
@@ -164,7 +165,7 @@ def _flatten(config: ml_collections.ConfigDict, prefix: str = ''):
             yield path, None
             yield from _flatten(value, path + '.')
         else:
-            yield path, value if value is not None else f'None ({config.get_type(key).__name__})'
+            yield path, repr(value) if value is not None else f'None ({config.get_type(key).__name__})'
 
 
 def _cell(text) -> str:
@@ -183,11 +184,11 @@ def config_section(path: str) -> str:
     rel = os.path.relpath(path, ROOT)
     lines = [f'## `{rel}`', '', module.docstring.split('\n\n')[0].replace('\n', ' '), '',
              '| field | default | comment |', '|---|---|---|']
-    for field, value in _flatten(config):
-        if value is None and field not in comments:
+    for field, shown in _flatten(config):  # shown: the default as text, None for a group
+        if shown is None and field not in comments:
             continue  # a group without a comment of its own: its fields follow
-        shown = '' if value is None else f'`{_cell(value if isinstance(value, str) and value.startswith("None (") else repr(value))}`'
-        lines.append(f'| `{field}` | {shown} | {_cell(comments.get(field, ""))} |')
+        default = '' if shown is None else f'`{_cell(shown)}`'
+        lines.append(f'| `{field}` | {default} | {_cell(comments.get(field, ""))} |')
     return '\n'.join(lines)
 
 
