@@ -41,34 +41,37 @@ def data_fields(c: ml_collections.ConfigDict, data: str) -> None:
 
 
 def run_fields(c: ml_collections.ConfigDict) -> None:
-    c.seed = 0
+    c.seed = 0               # parameter initialisation, masking noise, shuffling and augmentation
     c.total_steps = config_dict.placeholder(int)  # when set, overrides epochs
     c.init_from = ''         # a workdir or checkpoint to start from
-    c.log_every = 50
-    c.checkpoint_every = 1000
-    c.keep_checkpoints = 3
-    c.figure_every = 2000
+    c.log_every = 50         # steps between metrics.jsonl / TensorBoard records
+    c.checkpoint_every = 1000  # steps between checkpoints (and one at the end, or on SIGTERM)
+    c.keep_checkpoints = 3   # the latest this many are kept
+    c.figure_every = 2000    # steps between figures/ PNGs
 
 
 def mae(size: str, arg: str | None) -> ml_collections.ConfigDict:
     """Stage-1 MAE pretraining with the paper's recipe (method.md §1)."""
     a = parse_arg(arg, data='synthetic')
     c = ml_collections.ConfigDict()
-    c.job = 'pretrain'
+    c.job = 'pretrain'       # which function runs the config (jobs.py)
     data_fields(c, a.data)
-    c.split = 'pretrain'
+    c.split = 'pretrain'     # the dataset split trained on (CelebA partition 0 minus MAFL, or synthetic pretrain)
     run_fields(c)
-    c.batch_size = 512
-    c.epochs = 400
-    c.warmup_epochs = 40
+    c.batch_size = 512       # global, over all devices and processes
+    c.epochs = 400           # passes over the split (total_steps, when set, overrides)
+    c.warmup_epochs = 40     # linear warm-up, then half-cycle cosine to 0
     c.base_lr = 1.5e-4       # × batch_size / 256 (= 3e-4 at 512, the paper's value)
-    c.weight_decay = 0.05
-    c.b1, c.b2 = 0.9, 0.95
+    c.weight_decay = 0.05    # AdamW, on parameters with ≥ 2 dimensions only
+    c.b1, c.b2 = 0.9, 0.95   # AdamW betas
+    # DeiT size (embed_dim, depth, num_heads, mlp_ratio), patch and input size; decoder width, depth and heads;
+    # mask_ratio: share of patches removed; norm_pix_loss: per-patch normalised targets; dtype: compute dtype
     c.model = dict(**DEIT[SIZES[size]], mlp_ratio=4.0, patch_size=8, image_size=96, decoder_embed_dim=512,
                    decoder_depth=8, decoder_num_heads=16, mask_ratio=0.75, norm_pix_loss=True, dtype='float32',
                    # custom-VJP LayerNorm·Dense, GELU·Dense and attention (models/fused.py); False: plain autodiff
                    # and jax.nn.dot_product_attention, the same values
                    fused_ops=True)
+    # random resized crop scale range and horizontal flip; workers: grain worker processes (0: threads in-process)
     c.input = dict(crop_scale=(0.2, 1.0), flip=True, workers=0)
     return c
 
@@ -97,7 +100,7 @@ def carb(size: str, arg: str | None, *, dim: int, eta: float) -> ml_collections.
     if a.split not in SPLITS:
         raise ConfigError(f'unknown split {a.split!r}; choose one of {", ".join(SPLITS)}')
     c = ml_collections.ConfigDict()
-    c.job = 'carb'
+    c.job = 'carb'           # which function runs the config (jobs.py)
     data_fields(c, a.data)
     c.split = 'pretrain'     # stage 2 trains on the stage-1 images (CelebA), no labels
     run_fields(c)
@@ -105,13 +108,16 @@ def carb(size: str, arg: str | None, *, dim: int, eta: float) -> ml_collections.
     c.figure_every = 500
     # CL's projector recipe (method.md §2.7): Adam(0.5, 0.999), L2 5e-4, cosine, 10 epochs, batch 32.
     c.batch_size = 32
-    c.epochs = 10
+    c.epochs = 10            # passes over the split (total_steps, when set, overrides)
     c.warmup_epochs = 0
-    c.lr = 1e-3
-    c.b1, c.b2 = 0.5, 0.999
-    c.weight_decay = 5e-4
+    c.lr = 1e-3              # peak learning rate, cosine to 0
+    c.b1, c.b2 = 0.5, 0.999  # Adam betas
+    c.weight_decay = 5e-4    # L2 added to the gradient
+    # the frozen backbone's architecture: must be the stage-1 model's (init_from is checked against it)
     c.model = dict(**DEIT[SIZES[size]], mlp_ratio=4.0, patch_size=8, image_size=96, dtype='float32')
-    # CL's projector (method.md §2.5, corrected): 1x1 conv, then softmax ×7 over the positions of each channel.
+    # out_dim: descriptor width; hidden: widths of ReLU layers before the output (none: CL's single layer);
+    # kernel_size > 1: spatial convolutions; activation 'softmax' (CL's, method.md §2.5, corrected): 1x1 conv,
+    # then softmax × softmax_scale over the positions of each channel; 'linear': the plain per-position map
     c.projector = dict(out_dim=a.dim, hidden=(), kernel_size=1, activation='softmax', softmax_scale=7.0)
     c.carb = dict(
         objective='lcr',     # 'lcr' (SCE-MAE) or 'lead' (LEAD's correspondence-distribution matching)
@@ -129,9 +135,11 @@ def carb(size: str, arg: str | None, *, dim: int, eta: float) -> ml_collections.
         clustering=True,     # False: full correspondence over all tokens
         gather_selected=True,  # compute the loss on the |T| selected tokens only (same value, less work)
     )
+    # LCR loss (eq. 4-7): temperature τ (CL's: 1/8 for 64-d, 1/7 otherwise); λ_rep for att-att, att-inatt and
+    # inatt-inatt pairs; locality f_loc: 'log' log(d + 1) (eq. 5), 'sqrt' CL's d^0.5, 'linear' d, 'none' 1
     c.lcr = dict(tau=PROJECTOR_TAU.get(a.dim, 1 / 7), rep=(5.0, 5.0, 2.0), locality='log')
-    c.lead = dict(tau=0.05)
-    c.input = dict(flip=False, workers=0)
+    c.lead = dict(tau=0.05)  # carb.objective=lead: LEAD's temperature (paper 003)
+    c.input = dict(flip=False, workers=0)  # horizontal flip; grain worker processes (0: threads in-process)
     for key, value in ABLATIONS[a.ablation].items():
         group, field = key.split('.')
         c[group][field] = value
@@ -145,7 +153,7 @@ def eval_fields(c: ml_collections.ConfigDict) -> None:
     c.stage2 = ''            # stage-2 workdir trained on stage1: the `sce_mae` row
     c.random_init_carb = ''  # stage-2 workdir trained with init_from=random_init: the control row
     c.extra = ''             # further stage-2 workdirs as rows: 'no_lcr=DIR,lead=DIR2'
-    c.rows = ('random_init', 'positions', 'pixels', 'mae', 'sce_mae', 'random_init_carb')
+    c.rows = ('random_init', 'positions', 'pixels', 'mae', 'sce_mae', 'random_init_carb')  # evals/rows.py
     c.seed = 0               # random_init's initialisation
     c.batch_size = 32        # global; a multiple of the device count
     # cover-and-stride stride (divides the patch); block: −1 = final normed tokens (the paper's), or a 0-based
@@ -157,14 +165,15 @@ def eval_matching(arg: str | None) -> ml_collections.ConfigDict:
     """Landmark matching (paper Table 1, method.md §4): mean pixel error in the 70-px frame on stored pairs."""
     a = parse_arg(arg, data='synthetic')
     c = ml_collections.ConfigDict()
-    c.job = 'eval_matching'
+    c.job = 'eval_matching'  # which function runs the config (jobs.py)
     data_fields(c, a.data)
-    c.split = 'match' if a.data.startswith('synthetic') else 'test'
+    c.split = 'match' if a.data.startswith('synthetic') else 'test'  # where the pairs' images come from
     eval_fields(c)
     c.num_images = 1000      # the first N images, two at a time: N/2 same- and N/2 different-identity pairs
-    c.pairs_seed = 0
+    c.pairs_seed = 0         # the random thin-plate-spline warps of the generated pairs
     c.pairs_file = ''        # an .npz in data/pairs.py's layout (made elsewhere): used instead of generating
     c.pairs_cache = ''       # where generated pairs are stored ('' = ~/.cache/sce_mae_jax/pairs)
+    # pairs shown in figures/matches.png and similarity.png (0: no figures); images and runs of the t-SNE
     c.figures = dict(pairs=4, tsne_images=200, tsne_runs=3)
     # the CLS-attention premise (eq. 1) on the target faces, per block, for the rows without a projector
     c.premise = dict(images=128, eta=0.1)
@@ -173,7 +182,7 @@ def eval_matching(arg: str | None) -> ml_collections.ConfigDict:
 
 def _regressor_fields(c: ml_collections.ConfigDict) -> None:
     """What detection and limited annotations share (method.md §4; evals/detection.py)."""
-    c.features.stride = 2    # cover-and-stride 2 → a 48x48 map for the regressor (method.md §3 decision)
+    c.features.stride = 2    # the regressor's map: 96/stride cells a side (2: 48x48, method.md §3 decision)
     # Conv block (our choice; the paper says "a convolution block"): per hidden width a k x k conv + ReLU, then
     # a 1x1 conv to L·50 heatmaps, soft-argmax (softmax × 100), per-landmark linear 100 → 2 without bias.
     c.regressor = dict(heatmaps_per_landmark=50, hidden=(256,), kernel_size=3, temperature=100.0)
@@ -187,15 +196,15 @@ def _regressor_fields(c: ml_collections.ConfigDict) -> None:
     # TPS augmentation (used when augment='tps'): one warp per example at 136 px, then the centre crop
     c.tps = dict(noise_all=5e-4, noise_half=0.0, translation=0.02, scale=0.02, rotation_deg=2.0)
     c.figures = dict(faces=6)  # test faces per row in figures/detection_<set>.png (0 = no figure)
-    c.log_every = 100
-    c.checkpoint_every = 1000
-    c.keep_checkpoints = 1
+    c.log_every = 100        # regressor steps between metrics records
+    c.checkpoint_every = 1000  # regressor steps between checkpoints
+    c.keep_checkpoints = 1   # per regressor
 
 
 def _regressor_job(job: str, arg: str | None, *, data: str, lr: float, augment: str) -> ml_collections.ConfigDict:
     a = parse_arg(arg, data=data)
     c = ml_collections.ConfigDict()
-    c.job = job
+    c.job = job              # which function runs the config (jobs.py)
     data_fields(c, a.data)
     eval_fields(c)
     _regressor_fields(c)
