@@ -1,11 +1,10 @@
 """PNG figures written during training: MAE reconstructions and the CARB token split (supplementary Fig. S1)."""
 from __future__ import annotations
 
-import os
-
 import numpy as np
 from PIL import Image
 
+from sce_mae_jax import fileio
 from sce_mae_jax.data import pipeline
 
 # Distinct colours for up to 8 clusters (more wrap around).
@@ -14,9 +13,7 @@ CLUSTER_COLOURS = np.array([[230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 13
 
 
 def _save(path: str, grid: np.ndarray) -> None:
-    tmp = path + '.tmp.png'
-    Image.fromarray(grid).save(tmp)
-    os.replace(tmp, path)
+    fileio.save_png(path, grid)
 
 
 def save_reconstruction_png(path: str, rows) -> None:

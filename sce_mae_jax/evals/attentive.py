@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sce_mae_jax import carb
+from sce_mae_jax import carb, fileio
 
 
 def landmark_tokens(landmarks, grid: int, patch: int) -> jax.Array:
@@ -141,8 +141,7 @@ def main(argv):
     from sce_mae_jax.train.common import load_params
 
     f = flags.FLAGS
-    with open(os.path.join(f.init_from, 'config.json')) as fh:
-        model_config = json.load(fh)['model']
+    model_config = json.loads(fileio.read_text(os.path.join(f.init_from, 'config.json')))['model']
     encoder = encoder_from_model_config(model_config)
     if f.untrained:
         params = encoder.init(jax.random.PRNGKey(f.seed), jnp.zeros((1, encoder.image_size, encoder.image_size, 3)))
@@ -181,8 +180,8 @@ def main(argv):
                                        block=f.block, split_aux=aux, mae=mae)
         print(f'{split} (block {f.block}): {line(results[split])}')
     if f.output:
-        with open(f.output, 'w') as fh:
-            json.dump({'block': f.block, 'eta': f.eta, 'num_images': f.num_images, 'splits': results}, fh, indent=2)
+        fileio.write_text(f.output, json.dumps({'block': f.block, 'eta': f.eta, 'num_images': f.num_images,
+                                                'splits': results}, indent=2))
 
 
 if __name__ == '__main__':

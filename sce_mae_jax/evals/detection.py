@@ -42,6 +42,7 @@ import optax
 from absl import logging
 from PIL import Image, ImageDraw
 
+from sce_mae_jax import fileio
 from sce_mae_jax.data import pipeline, tps
 from sce_mae_jax.evals import features, report
 from sce_mae_jax.evals.rows import Row, load_rows
@@ -288,19 +289,16 @@ def _training_settings(config, row: Row, task: Task, train_len: int, total_steps
 def _check_settings(unit_dir: str, settings: dict) -> None:
     path = os.path.join(unit_dir, 'regressor.json')
     settings = json.loads(json.dumps(settings))  # tuples → lists, as stored
-    if os.path.exists(path):
-        with open(path) as f:
-            old = json.load(f)
+    if fileio.exists(path):
+        old = json.loads(fileio.read_text(path))
         diff = [k for k in sorted(set(old) | set(settings)) if old.get(k) != settings.get(k)]
         if diff and common.has_checkpoint(unit_dir):
             shown = '; '.join(f'{k}: {old.get(k)!r} then, {settings.get(k)!r} now' for k in diff[:3])
             raise common.ConfigError(f'{unit_dir} holds a regressor trained with other settings ({shown}); remove '
                                      'that directory to retrain it, or pass another --workdir')
     if jax.process_index() == 0:
-        os.makedirs(unit_dir, exist_ok=True)
-        with open(path + '.tmp', 'w') as f:
-            json.dump(settings, f, indent=2, sort_keys=True)
-        os.replace(path + '.tmp', path)
+        fileio.makedirs(unit_dir)
+        fileio.write_text(path, json.dumps(settings, indent=2, sort_keys=True))
 
 
 class Regression:
@@ -438,7 +436,7 @@ def _setup(config, workdir: str, limited: bool):
     validate(config, limited=limited)
     encoder, rows, skipped = load_rows(config)
     validate_model(config, encoder)
-    os.makedirs(workdir, exist_ok=True)
+    fileio.makedirs(workdir)
     return encoder, rows, skipped, common.make_mesh(), report.fingerprint(config, rows)
 
 
@@ -608,7 +606,5 @@ def save_detection_png(path: str, view, rows_points: dict, title: str, size: int
                 d.ellipse([gx - radius, gy - radius, gx + radius, gy + radius], fill=GT_COLOUR)
                 d.ellipse([px - radius, py - radius, px + radius, py + radius], fill=PRED_COLOUR)
             canvas.paste(tile, (x0, y0))
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path + '.tmp.png'
-    canvas.save(tmp)
-    os.replace(tmp, path)
+    fileio.makedirs(os.path.dirname(path))
+    fileio.save_png(path, canvas)

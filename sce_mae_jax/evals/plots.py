@@ -15,6 +15,7 @@ import numpy as np
 from absl import logging
 from PIL import Image, ImageDraw
 
+from sce_mae_jax import fileio
 from sce_mae_jax.evals import matching
 from sce_mae_jax.evals.features import l2_normalize
 
@@ -48,9 +49,7 @@ def _xy(p):
 
 
 def _save(img: Image.Image, path: str) -> None:
-    tmp = path + '.tmp.png'
-    img.save(tmp)
-    os.replace(tmp, path)
+    fileio.save_png(path, img)
 
 
 def _grid(cells: list[list[Image.Image]], header: list[str], left: list[str]) -> Image.Image:
@@ -193,7 +192,7 @@ def matching_figures(workdir: str, pairs: dict, rows, fns: dict, fc, mesh) -> tu
     figs = []
     if jax.process_index() == 0:
         d = os.path.join(workdir, 'figures')
-        os.makedirs(d, exist_ok=True)
+        fileio.makedirs(d)
         matches_png(os.path.join(d, 'matches.png'), pairs, index, preds)
         figs.append(('Matches: source landmarks (left); per row, predictions (dots) against the truth (rings)',
                      'figures/matches.png'))

@@ -21,6 +21,8 @@ from typing import Any
 
 import jax
 
+from sce_mae_jax import fileio
+
 RESULTS, REPORT = 'results.json', 'report.md'
 
 # The paper's numbers (method.md §6), printed under our tables for orientation; different data, different model.
@@ -38,17 +40,9 @@ ROW_ORDER = ('random_init', 'positions', 'pixels', 'mae', 'sce_mae', 'random_ini
 
 def load(workdir: str) -> dict:
     path = os.path.join(workdir, RESULTS)
-    if not os.path.exists(path):
+    if not fileio.exists(path):
         return {}
-    with open(path) as f:
-        return json.load(f)
-
-
-def _write_atomic(path: str, text: str) -> None:
-    tmp = path + '.tmp'
-    with open(tmp, 'w') as f:
-        f.write(text)
-    os.replace(tmp, path)
+    return json.loads(fileio.read_text(path))
 
 
 def _merge(dst: dict, src: dict) -> dict:
@@ -106,9 +100,9 @@ def update(workdir: str, sections: dict[str, Any], job_key: str, meta: dict, col
             results[name] = {r: v for r, v in results[name].items() if v}
     results.setdefault('meta', {})[job_key] = {'command': command_line(), 'versions': versions(), **meta}
     if jax.process_index() == 0:
-        os.makedirs(workdir, exist_ok=True)
-        _write_atomic(os.path.join(workdir, RESULTS), json.dumps(results, indent=2, sort_keys=True))
-        _write_atomic(os.path.join(workdir, REPORT), render(results))
+        fileio.makedirs(workdir)
+        fileio.write_text(os.path.join(workdir, RESULTS), json.dumps(results, indent=2, sort_keys=True))
+        fileio.write_text(os.path.join(workdir, REPORT), render(results))
     return results
 
 

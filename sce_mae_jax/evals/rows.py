@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
+from sce_mae_jax import fileio
 from sce_mae_jax.models.heads import Projector
 from sce_mae_jax.models.mae import RANDOM_INIT, encoder_from_model_config, random_encoder_params
 from sce_mae_jax.models.vit import ViT
@@ -55,11 +56,10 @@ class Row:
 
 def read_config(workdir: str, what: str) -> dict:
     path = os.path.join(workdir, 'config.json')
-    if not os.path.exists(path):
+    if not fileio.exists(path):
         raise ConfigError(f'{what}={workdir} is not a training workdir (no config.json); pass the --workdir a '
                           f'training job wrote')
-    with open(path) as f:
-        return json.load(f)
+    return json.loads(fileio.read_text(path))
 
 
 def _stage2(workdir: str, what: str, encoder: ViT) -> tuple[dict, dict, Projector, dict]:
@@ -68,8 +68,8 @@ def _stage2(workdir: str, what: str, encoder: ViT) -> tuple[dict, dict, Projecto
     if cfg.get('job') != 'carb' or 'projector' not in cfg:
         raise ConfigError(f'{what}={workdir} is a {cfg.get("job")!r} workdir, not a stage-2 (carb) one; pass the '
                           'workdir of configs/carb_deit_*.py (or the stage2/ folder of a pipeline run)')
-    saved = os.path.join(os.path.abspath(workdir), 'backbone')
-    if not os.path.isdir(saved):
+    saved = os.path.join(fileio.resolve(workdir), 'backbone')
+    if not fileio.isdir(saved):
         raise ConfigError(f'{what}={workdir} has no backbone/ (stage 2 writes it before its first step); was the '
                           'run started?')
     backbone = restore_tree(saved)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import shutil
 
 import jax
 import jax.numpy as jnp
@@ -21,7 +20,7 @@ import optax
 import orbax.checkpoint as ocp
 from absl import logging
 
-from sce_mae_jax import carb, figures
+from sce_mae_jax import carb, fileio, figures
 from sce_mae_jax.data import pipeline
 from sce_mae_jax.models.heads import PROJECTOR_ACTIVATIONS, Projector
 from sce_mae_jax.models.mae import MAE, RANDOM_INIT, encoder_from_model_config, patch_errors, random_encoder_params
@@ -223,8 +222,8 @@ def load_backbone(config, workdir: str, expected, encoder=None) -> dict:
     """The frozen encoder: from `workdir/backbone` on a resume, else from `init_from` (then saved there).
     `init_from='random_init'` freezes an untrained encoder (seed `config.seed`): the `random_init_carb` control,
     which tells whether stage 1 matters at all."""
-    saved = os.path.join(os.path.abspath(workdir), 'backbone')
-    if os.path.isdir(saved):
+    saved = os.path.join(fileio.resolve(workdir), 'backbone')
+    if fileio.isdir(saved):
         params = common.restore_tree(saved)
     elif config.init_from == RANDOM_INIT:
         params = random_encoder_params(encoder or encoder_from_model_config(config.model), config.seed)
@@ -240,7 +239,7 @@ def load_backbone(config, workdir: str, expected, encoder=None) -> dict:
         raise common.ConfigError(f'the backbone from {config.init_from or saved} does not fit config.model '
                                  f'(a different DeiT size?): ' + '; '.join(bad[:6]))
     params = jax.tree.map(lambda a: np.asarray(a, np.float32), params)
-    if not os.path.isdir(saved):
+    if not fileio.isdir(saved):
         ckptr = ocp.StandardCheckpointer()
         ckptr.save(saved, params)  # orbax finalises by rename: never half written
         ckptr.wait_until_finished()
@@ -302,13 +301,12 @@ def stage1_decoder(config) -> tuple[dict, dict]:
         return jax.tree.map(np.asarray, {k: v for k, v in params.items() if k != 'encoder'}), fields
     params = common.load_params(config.init_from)
     decoder = {k: v for k, v in params.items() if k != 'encoder'}
-    cfg_path = os.path.join(os.path.abspath(os.path.expanduser(config.init_from)), 'config.json')
-    if 'encoder' not in params or not decoder or not os.path.exists(cfg_path):
+    cfg_path = os.path.join(fileio.resolve(config.init_from), 'config.json')
+    if 'encoder' not in params or not decoder or not fileio.exists(cfg_path):
         raise common.ConfigError(f'carb.split=recon needs the stage-1 MAE decoder and its config.json in '
                                  f'init_from={config.init_from} (a stage-1 workdir); this one has '
                                  f'{"no decoder" if not decoder else "no config.json"}; choose another carb.split')
-    with open(cfg_path) as f:
-        model = json.load(f)['model']
+    model = json.loads(fileio.read_text(cfg_path))['model']
     missing = [k for k in MAE_FIELDS if k not in model]
     if missing:
         raise common.ConfigError(f'{cfg_path} lacks the MAE fields {missing}: is init_from a stage-1 workdir?')
@@ -324,11 +322,10 @@ def prepare_split(config, workdir: str, source, *, encoder: ViT, backbone, mesh)
     split = cc.get('split', 'cls')
     if split not in ('cls_debiased', 'recon'):
         return {}, None
-    path = os.path.join(os.path.abspath(workdir), SPLIT_DIR)
+    path = os.path.join(fileio.resolve(workdir), SPLIT_DIR)
     meta_path, aux_path = os.path.join(path, 'split.json'), os.path.join(path, 'aux')
-    if os.path.exists(meta_path):
-        with open(meta_path) as f:
-            meta = json.load(f)
+    if fileio.exists(meta_path):
+        meta = json.loads(fileio.read_text(meta_path))
         if meta['split'] != split:
             raise common.ConfigError(f'{workdir} was trained with carb.split={meta["split"]}, not {split}; '
                                      'use a new workdir to change the split')
@@ -344,15 +341,13 @@ def prepare_split(config, workdir: str, source, *, encoder: ViT, backbone, mesh)
             decoder, model = stage1_decoder(config)
             aux, meta = {'decoder': decoder}, {'split': split, 'model': model, 'init_from': config.init_from}
         aux = jax.tree.map(lambda a: np.asarray(a, np.float32), aux)
-        if jax.process_index() == 0 and os.path.exists(aux_path):
-            shutil.rmtree(aux_path)  # left by a run stopped before split.json, the commit mark, was written
+        if jax.process_index() == 0 and fileio.exists(aux_path):
+            fileio.rmtree(aux_path)  # left by a run stopped before split.json, the commit mark, was written
         ckptr = ocp.StandardCheckpointer()
         ckptr.save(aux_path, aux)
         ckptr.wait_until_finished()
         if jax.process_index() == 0:
-            with open(meta_path + '.tmp', 'w') as f:
-                json.dump(meta, f, indent=2)
-            os.replace(meta_path + '.tmp', meta_path)
+            fileio.write_text(meta_path, json.dumps(meta, indent=2))
     mae = None
     if split == 'recon':
         m = config.model
@@ -401,7 +396,7 @@ def train(config, workdir: str) -> dict:
     def figure_fn(step_num, state, batch):
         images, cid = clusters_fn(backbone, split_aux, batch['image'][:8])
         if jax.process_index() == 0:
-            os.makedirs(os.path.join(workdir, 'figures'), exist_ok=True)
+            fileio.makedirs(os.path.join(workdir, 'figures'))
             figures.save_cluster_png(os.path.join(workdir, 'figures', f'clusters_{step_num:07d}.png'),
                                      np.asarray(images), np.asarray(cid), encoder.patch_size)
 

@@ -23,6 +23,7 @@ from absl import logging
 from clu import parameter_overview
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from sce_mae_jax import fileio
 from sce_mae_jax.errors import ConfigError, RunStopped  # noqa: F401  (re-exported: jobs raise common.*)
 
 
@@ -66,7 +67,7 @@ def checkpoint_manager(workdir: str, *, max_to_keep: int, save_interval_steps: i
         handlers['data_iter'] = grain.checkpoint.CheckpointHandler()
     opts = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, save_interval_steps=save_interval_steps,
                                         enable_async_checkpointing=True, create=True)
-    return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), 'checkpoints'), options=opts,
+    return ocp.CheckpointManager(os.path.join(fileio.resolve(workdir), 'checkpoints'), options=opts,
                                  item_handlers=handlers)
 
 
@@ -95,7 +96,7 @@ def shape_mismatches(saved_meta, abstract, prefix=''):
 def has_checkpoint(workdir: str) -> bool:
     """Whether `workdir` holds a finished checkpoint (orbax's temporary directories don't count)."""
     d = os.path.join(workdir, 'checkpoints')
-    return os.path.isdir(d) and any(n.isdigit() for n in os.listdir(d))
+    return fileio.isdir(d) and any(n.isdigit() for n in fileio.listdir(d))
 
 
 def restore_checkpoint(mngr, step: int, abstract_state, data_iter=None):
@@ -146,14 +147,14 @@ def load_params(path: str) -> dict:
 
     Used for `init_from`: a stage-1 workdir or the output of `python -m sce_mae_jax.convert`.
     """
-    path = os.path.abspath(os.path.expanduser(path))
-    if not os.path.exists(path):
+    path = fileio.resolve(path)
+    if not fileio.exists(path):
         raise ConfigError(f'init_from={path} does not exist; give a stage-1 workdir, its checkpoints/ directory, '
                           'or a converted checkpoint directory (python -m sce_mae_jax.convert)')
     ckpt_dir, step = path, None
-    if os.path.isdir(os.path.join(path, 'checkpoints')):
+    if fileio.isdir(os.path.join(path, 'checkpoints')):
         ckpt_dir = os.path.join(path, 'checkpoints')
-    elif os.path.basename(path).isdigit() and os.path.isdir(os.path.join(path, 'state')):
+    elif os.path.basename(path).isdigit() and fileio.isdir(os.path.join(path, 'state')):
         ckpt_dir, step = os.path.dirname(path), int(os.path.basename(path))
     mngr = ocp.CheckpointManager(ckpt_dir, item_handlers={'state': ocp.StandardCheckpointHandler()})
     step = mngr.latest_step() if step is None else step
@@ -173,16 +174,23 @@ class MetricWriter:
     """Console, `metrics.jsonl` (one object per logged step) and TensorBoard events, from process 0 only.
 
     TensorBoard files come from tensorboardX, which needs no TensorFlow (clu.metric_writers imports TF).
+    In a bucket workdir (gs://) both are written locally and copied up at most every `sync_seconds` and at
+    `close` (buckets cannot append): a crash loses at most that much of the log, never a checkpoint.
     """
 
-    def __init__(self, workdir: str):
+    def __init__(self, workdir: str, sync_seconds: float = 30.0):
         self.active = jax.process_index() == 0
-        self._jsonl = self._tb = None
+        self._jsonl = self._tb = self._mirror = None
+        self.remote, self.sync_seconds, self._synced = fileio.is_remote(workdir), sync_seconds, time.time()
         if self.active:
-            os.makedirs(workdir, exist_ok=True)
-            self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a', buffering=1)
+            fileio.makedirs(workdir)
+            self._jsonl = fileio.AppendLog(os.path.join(workdir, 'metrics.jsonl'))
             from tensorboardX import SummaryWriter
-            self._tb = SummaryWriter(os.path.join(workdir, 'tb'))
+            if self.remote:  # tensorboardX's own gs:// writer needs google-cloud-storage; this needs only epath
+                self._mirror = fileio.Mirror(os.path.join(workdir, 'tb'))
+                self._tb = SummaryWriter(self._mirror.local)
+            else:
+                self._tb = SummaryWriter(os.path.join(workdir, 'tb'))
 
     def write(self, step: int, metrics: dict[str, Any]) -> None:
         if not self.active:
@@ -192,19 +200,29 @@ class MetricWriter:
         for k, v in scalars.items():
             self._tb.add_scalar(k, v, int(step))
         logging.info('step %d: %s', step, ', '.join(f'{k}={v:.4g}' for k, v in scalars.items()))
+        if self.remote and time.time() - self._synced >= self.sync_seconds:
+            self.sync()
+
+    def sync(self) -> None:
+        """Copies the log and the events written so far into a bucket workdir."""
+        self._jsonl.flush()
+        self._tb.flush()
+        self._mirror.sync()
+        self._synced = time.time()
 
     def close(self) -> None:
         if self.active:
             self._jsonl.close()
             self._tb.close()
+            if self._mirror is not None:
+                self._mirror.close()
 
 
 def read_metrics(workdir: str) -> list[dict]:
     path = os.path.join(workdir, 'metrics.jsonl')
-    if not os.path.exists(path):
+    if not fileio.exists(path):
         return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return [json.loads(line) for line in fileio.read_text(path).splitlines() if line.strip()]
 
 
 class Throughput:
@@ -421,9 +439,9 @@ def restore_latest(mngr, abstract_state, data_iter, workdir: str):
 def _move_aside(mngr, step: int, workdir: str) -> None:
     if jax.process_index() == 0:
         dest = os.path.join(workdir, 'corrupt_checkpoints')
-        os.makedirs(dest, exist_ok=True)
+        fileio.makedirs(dest)
         target = os.path.join(dest, f'{step}_{time.strftime("%Y%m%d-%H%M%S")}')
-        os.rename(os.path.join(str(mngr.directory), str(step)), target)
+        fileio.rename(os.path.join(str(mngr.directory), str(step)), target)
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
         multihost_utils.sync_global_devices(f'corrupt checkpoint {step} moved')
@@ -441,7 +459,8 @@ def workdir_lock(workdir: str):
     pipeline locks its workdir, then each stage its own). Taken by process 0 for all processes."""
     ensure_workdir(workdir)
     path = os.path.join(workdir, LOCK)
-    problem, mine = _take_lock(path) if jax.process_index() == 0 else (None, False)
+    take = _take_remote_lock if fileio.is_remote(path) else _take_lock
+    problem, mine = take(path) if jax.process_index() == 0 else (None, False)
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
         refused = bool(multihost_utils.broadcast_one_to_all(np.int32(problem is not None)))
@@ -453,10 +472,7 @@ def workdir_lock(workdir: str):
         yield
     finally:
         if mine:
-            try:
-                os.remove(path)
-            except FileNotFoundError:
-                pass
+            fileio.remove(path)
 
 
 def _pid_alive(pid) -> bool:
@@ -490,22 +506,60 @@ def _take_lock(path: str) -> tuple[str | None, bool]:
                 except FileNotFoundError:
                     pass
                 continue
-            who = (f'pid {held.get("pid")} on {held.get("host")} since {held.get("started")}' if held else
-                   'a run whose lock cannot be read')
-            return (f'workdir {os.path.dirname(path)} is in use by {who}; wait for it or stop it, or if no run '
-                    f'is using this workdir any more, delete {path}'), False
+            return _in_use(path, held), False
         with os.fdopen(fd, 'w') as f:
             json.dump(me, f)
         return None, True
     return f'could not take the lock {path} (it keeps reappearing); is another run starting?', False
 
 
+def _lock_holder(path: str) -> dict:
+    try:
+        return json.loads(fileio.read_text(path))
+    except (OSError, ValueError):
+        return {}
+
+
+def _in_use(path: str, held: dict) -> str:
+    who = (f'pid {held.get("pid")} on {held.get("host")} since {held.get("started")}' if held else
+           'a run whose lock cannot be read')
+    return (f'workdir {os.path.dirname(path)} is in use by {who}; wait for it or stop it, or if no run '
+            f'is using this workdir any more, delete {path}')
+
+
+def _take_remote_lock(path: str) -> tuple[str | None, bool]:
+    """`_take_lock` for a bucket, which has no exclusive create: read, write if free, read back. Two runs
+    starting within the same second may both pass; a run started later stops as on a local disk."""
+    me = {'pid': os.getpid(), 'host': socket.gethostname(), 'started': time.strftime('%Y-%m-%d %H:%M:%S %Z')}
+    if fileio.exists(path):
+        held = _lock_holder(path)
+        if held.get('pid') == me['pid'] and held.get('host') == me['host']:
+            return None, False
+        if not (held.get('host') == me['host'] and not _pid_alive(held.get('pid'))):
+            return _in_use(path, held), False
+        logging.warning('taking over the stale lock %s of pid %s (no longer running)', path, held['pid'])
+    logging.warning('%s: a bucket has no exclusive create, so this run lock is best effort (two runs started '
+                    'at the same moment may both proceed)', path)
+    fileio.write_text(path, json.dumps(me))
+    held = _lock_holder(path)
+    if held != me:
+        return _in_use(path, held), False
+    return None, True
+
+
 def ensure_workdir(workdir: str) -> None:
+    if fileio.is_remote(workdir):  # a bucket has no directories to check; the first write names a bad bucket
+        try:
+            fileio.makedirs(workdir)
+        except ImportError as e:
+            raise ConfigError(f'--workdir={workdir} needs a file system for its scheme: {e} (for gs://, '
+                              'pip install -e ".[gcs]")') from e
+        return
     parent = os.path.dirname(os.path.abspath(workdir))
     if not os.path.isdir(parent):
         raise ConfigError(f'the parent directory of --workdir ({parent}) does not exist; create it first '
                           f'(mkdir -p {parent}) or choose another workdir')
-    os.makedirs(workdir, exist_ok=True)
+    fileio.makedirs(workdir)
 
 
 def prepare_workdir(workdir: str, config) -> None:
@@ -513,10 +567,7 @@ def prepare_workdir(workdir: str, config) -> None:
     since several write into one workdir)."""
     ensure_workdir(workdir)
     if jax.process_index() == 0:
-        tmp = os.path.join(workdir, 'config.json.tmp')
-        with open(tmp, 'w') as f:
-            f.write(config.to_json_best_effort(indent=2))
-        os.replace(tmp, os.path.join(workdir, 'config.json'))
+        fileio.write_text(os.path.join(workdir, 'config.json'), config.to_json_best_effort(indent=2))
 
 
 def tree_size(tree) -> int:

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import optax
 from absl import logging
-from sce_mae_jax import figures
+from sce_mae_jax import fileio, figures
 from sce_mae_jax.data import pipeline
 from sce_mae_jax.models.mae import MAE
 from sce_mae_jax.models.vit import patchify, unpatchify
@@ -121,7 +121,7 @@ def train(config, workdir: str) -> dict:
     def figure_fn(step, state, batch):
         rows = recon_fn(state['params'], batch['image'][:8], jax.random.PRNGKey(step))
         if jax.process_index() == 0:
-            os.makedirs(os.path.join(workdir, 'figures'), exist_ok=True)
+            fileio.makedirs(os.path.join(workdir, 'figures'))
             figures.save_reconstruction_png(os.path.join(workdir, 'figures', f'recon_{step:07d}.png'), rows)
 
     return common.train_loop(config, workdir, state=state, state_sharding=state_sh, step_fn=step_fn, data_iter=it,
