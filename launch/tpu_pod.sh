@@ -77,7 +77,7 @@ install() {
     run "${gc[@]}" tpu-vm scp "$tarball" "$name:sce_mae_jax.tar.gz" "${where[@]}" --worker=all
     ssh_all "rm -rf $remote_dir && mkdir -p $remote_dir && tar -xzf ~/sce_mae_jax.tar.gz -C $remote_dir"
   fi
-  ssh_all "cd $remote_dir && python3 -m pip install -q -e \".[tpu]\""
+  ssh_all "cd $remote_dir && python3 -m pip install -q -e \".[tpu,gcs]\""
 }
 
 start() {

@@ -36,7 +36,7 @@ def test_tpu_pod_all_creates_installs_runs_follows_and_deletes():
     assert 'git ls-files' in words[2][-1] and 'tar' in words[2][-1]                        # this checkout, packed
     assert words[3][:5] == ['gcloud', 'compute', 'tpus', 'tpu-vm', 'scp'] and '--worker=all' in words[3]
     installs = [_remote(line) for line in lines if '--worker=all' in line and 'ssh' in line]
-    assert any('pip install' in c and '.[tpu]' in c for c in installs)
+    assert any('pip install' in c and '.[tpu,gcs]' in c for c in installs)
     (start,) = [c for c in installs if 'sce_mae_jax.main' in c]
     main = shlex.split(start.split('&&', 1)[1].split('>')[0])
     assert main == ['nohup', 'python3', '-m', 'sce_mae_jax.main', '--distributed',
