@@ -53,12 +53,18 @@ def main(argv):
     job = config.job
     logging.info('job %s on %d devices, %d processes; config:\n%s', job, jax.device_count(), jax.process_count(),
                  config)
+    from sce_mae_jax import fileio
+    new_workdir = not fileio.exists(FLAGS.workdir)
     try:
         from sce_mae_jax.train import common
         with common.workdir_lock(FLAGS.workdir):  # a second run on this workdir stops here
             jobs.run(config, FLAGS.workdir)
     except user_errors() as e:
         logging.error('%s', e)
+        # bad input writes nothing: the workdir this run made only to hold its lock goes again
+        if new_workdir and jax.process_index() == 0 and fileio.isdir(FLAGS.workdir) \
+                and not fileio.listdir(FLAGS.workdir):
+            fileio.rmtree(FLAGS.workdir)
         sys.exit(f'error: {e}')
 
 

@@ -310,6 +310,7 @@ def test_synthetic_dispatch_is_lazy(monkeypatch):
     import sce_mae_jax.data as data_pkg
 
     fake = types.ModuleType('sce_mae_jax.data.synthetic')
+    fake.SPLITS = ('pretrain', 'train', 'test', 'match')  # the split check reads it before the dispatch
     fake.SyntheticFaces = lambda split, seed=0, clutter=True: types.SimpleNamespace(split=split, seed=seed,
                                                                                    clutter=clutter)
     monkeypatch.setitem(sys.modules, 'sce_mae_jax.data.synthetic', fake)
