@@ -22,6 +22,7 @@ import numpy as np
 from absl import logging
 
 from sce_mae_jax.data.preprocess import DatasetError
+from sce_mae_jax import errors
 from sce_mae_jax.errors import ConfigError
 
 __all__ = ['ConfigError', 'DatasetError', 'DATASETS', 'NAMES', 'LandmarkSource', 'check', 'get_builder',
@@ -74,15 +75,6 @@ def get_builder(name: str, data_dir: str | os.PathLike | None = None):
                        file_format='array_record', **kwargs)
 
 
-def _find_dataset_error(exc: BaseException) -> DatasetError | None:
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        if isinstance(exc, DatasetError):
-            return exc
-        seen.add(id(exc))
-        exc = exc.__cause__ or exc.__context__
-    return None
-
 
 def prepare(name: str, *, manual_dir: str | os.PathLike | None = None,
             data_dir: str | os.PathLike | None = None):
@@ -106,7 +98,7 @@ def prepare(name: str, *, manual_dir: str | os.PathLike | None = None,
         builder.download_and_prepare(
             download_config=tfds.download.DownloadConfig(manual_dir=os.fspath(manual_dir)))
     except Exception as e:
-        found = _find_dataset_error(e)
+        found = errors.cause_of(e, DatasetError)
         if found is None:
             raise
         raise found from None

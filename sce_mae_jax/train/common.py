@@ -24,6 +24,7 @@ from clu import parameter_overview
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from sce_mae_jax import fileio
+from sce_mae_jax import errors
 from sce_mae_jax.errors import ConfigError, RunStopped  # noqa: F401  (re-exported: jobs raise common.*)
 
 
@@ -383,15 +384,6 @@ class FiniteWatch:
                          'learning rate (or check the data), then rerun to resume from the last checkpoint')
 
 
-def _oserror_in(exc: BaseException) -> OSError | None:
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        if isinstance(exc, OSError):
-            return exc
-        seen.add(id(exc))
-        exc = exc.__cause__ or exc.__context__
-    return None
-
 
 @contextlib.contextmanager
 def _checkpoint_io(mngr, step: int):
@@ -402,7 +394,7 @@ def _checkpoint_io(mngr, step: int):
     except RunStopped:
         raise
     except Exception as e:  # pylint: disable=broad-except  # orbax may wrap the OSError of its writer thread
-        os_err = _oserror_in(e)
+        os_err = errors.cause_of(e, OSError)
         if os_err is None:
             raise
         full = os_err.errno in (errno.ENOSPC, errno.EDQUOT)
