@@ -1,11 +1,23 @@
 """Shared test setup: absl flags parsed (grain workers read them), tiny configs, subprocess runners."""
+import atexit
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 
 import pytest
 from absl import flags
+
+# One persistent XLA compilation cache for the whole run, subprocesses included (they inherit the environment):
+# most of the suite's time is compiling the same tiny programs again in new processes and new closures. Set
+# before JAX is imported; a cache the caller chose (JAX_COMPILATION_CACHE_DIR) is kept.
+if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
+    os.environ['JAX_COMPILATION_CACHE_DIR'] = tempfile.mkdtemp(prefix='sce_mae_jax_xla_cache_')
+    atexit.register(shutil.rmtree, os.environ['JAX_COMPILATION_CACHE_DIR'], ignore_errors=True)
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '-1')
 
 flags.FLAGS(sys.argv[:1], known_only=True)
 flags.FLAGS.mark_as_parsed()
