@@ -136,3 +136,27 @@ def test_plain_variant_same_faces_without_background_clutter():
     for i in range(5):
         np.testing.assert_array_equal(clutter[i]['landmarks68'], plain[i]['landmarks68'])
     assert corner_roughness(plain) < 0.7 * corner_roughness(clutter)
+
+
+def test_wild_variant_places_faces_anywhere_in_the_crop():
+    """synthetic_wild (the content benchmark): the same identities, their faces spread over the crop, scaled and
+    rolled far beyond CelebA's alignment, every one of the 68 points still inside the 96-px centre crop."""
+    from sce_mae_jax.data.sources import get_source
+
+    aligned, wild = get_source('synthetic', 'match'), get_source('synthetic_wild', 'match')
+    assert "placement='wild'" in repr(wild)
+
+    def eye_midpoints_and_iods(src, n=60):
+        lm = np.stack([src[i]['landmarks'] for i in range(n)])
+        return 0.5 * (lm[:, 0] + lm[:, 1]), np.linalg.norm(lm[:, 0] - lm[:, 1], axis=-1), lm
+
+    mid_a, iod_a, _ = eye_midpoints_and_iods(aligned)
+    mid_w, iod_w, _ = eye_midpoints_and_iods(wild)
+    assert mid_a.std(0).max() < 4.0 and mid_w.std(0).min() > 3 * mid_a.std(0).max()
+    assert np.log(iod_w).std() > 1.5 * np.log(iod_a).std()
+    lm68 = np.stack([wild[i]['landmarks68'] for i in range(60)])
+    assert lm68.min() >= 20 and lm68.max() <= 116  # the centre crop spans pixels 20..116 of the 136-px frame
+    assert wild[0]['identity'] == aligned[0]['identity']
+    np.testing.assert_array_equal(wild[3]['image'], wild[3]['image'])  # deterministic
+    with pytest.raises(ValueError, match='placement'):
+        SyntheticFaces('train', placement='tilted')

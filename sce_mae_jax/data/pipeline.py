@@ -74,6 +74,40 @@ def pretrain_augment(size: int, scale=(0.2, 1.0), flip: bool = True) -> Callable
     return fn
 
 
+STAGE2_AUGMENTATIONS = ('none', 'cl')
+
+
+def colour_jitter(image: np.ndarray, rng: np.random.Generator, strength: float = 0.4) -> np.ndarray:
+    """Brightness, contrast and saturation each scaled by a factor uniform in [1 − s, 1 + s], in that order
+    (torchvision's ColorJitter(s, s, s) without its random order or hue): uint8 (H, W, 3) → uint8."""
+    x = image.astype(np.float32)
+    b, c, sat = rng.uniform(1.0 - strength, 1.0 + strength, 3)
+    x = x * b
+    x = (x - x.mean()) * c + x.mean()
+    grey = (x @ np.asarray([0.299, 0.587, 0.114], np.float32))[..., None]
+    x = (x - grey) * sat + grey
+    return np.clip(x, 0, 255).astype(np.uint8)
+
+
+def stage2_augment(size: int, augment: str = 'none', flip: bool = False) -> Callable:
+    """Stage-2 input: 'none' the centre crop (the evaluation's frame); 'cl' the augmentation of CL's projector
+    training (`do_augmentations`): a random resized crop (scale 0.2-1) to `size` and colour jitter (0.4). Then
+    an optional horizontal flip. CL's PCA lighting and JPEG noise are not reproduced."""
+    if augment not in STAGE2_AUGMENTATIONS:
+        raise ValueError(f'input.augment={augment!r} must be one of {STAGE2_AUGMENTATIONS}')
+    crop = eval_transform(size)
+
+    def fn(example, rng: np.random.Generator):
+        if augment == 'cl':
+            img = colour_jitter(random_resized_crop(example['image'], size, rng, scale=(0.2, 1.0)), rng)
+        else:
+            img = crop({'image': example['image']})['image']
+        if flip and rng.uniform() < 0.5:
+            img = img[:, ::-1]
+        return {'image': np.ascontiguousarray(img)}
+    return fn
+
+
 def eval_transform(size: int) -> Callable:
     """Centre crop to the model frame; landmarks (if any) move with it."""
     def fn(example):

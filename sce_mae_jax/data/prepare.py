@@ -4,7 +4,7 @@
     python -m sce_mae_jax.data.prepare --dataset=synthetic --data_dir=/data/tfds [--seed=0] [--num_examples=N]
 
 Datasets: celeba, mafl, aflw_m, aflw_r, aflw_rc, 300w (manual_dir layouts in docs/datasets.md), and synthetic,
-synthetic_plain: the generator's faces rendered once, which training then reads from --config.data_dir instead
+synthetic_plain, synthetic_wild: the generator's faces rendered once, which training then reads from --config.data_dir instead
 of rendering them every step (needs no manual_dir; --seed is --config.data_seed).
 """
 
@@ -19,7 +19,7 @@ from sce_mae_jax.data import sources
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog='python -m sce_mae_jax.data.prepare', description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    synthetic = (sources.SYNTHETIC, sources.SYNTHETIC_PLAIN)
+    synthetic = tuple(sources.SYNTHETIC_VARIANTS)
     parser.add_argument('--dataset', required=True, choices=sorted(sources.DATASETS) + list(synthetic))
     parser.add_argument('--manual_dir', default=None, help='folder with the raw files (docs/datasets.md); '
                         'required for the real datasets')

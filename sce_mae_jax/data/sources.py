@@ -39,7 +39,11 @@ DATASETS = {
 }
 SYNTHETIC = 'synthetic'
 SYNTHETIC_PLAIN = 'synthetic_plain'  # the same faces on smooth backgrounds, without the clutter shapes
-NAMES = (SYNTHETIC, SYNTHETIC_PLAIN, *DATASETS)
+SYNTHETIC_WILD = 'synthetic_wild'    # the content benchmark: the faces anywhere in the crop, at wide poses
+# name -> SyntheticFaces(clutter, placement) of the generated datasets
+SYNTHETIC_VARIANTS = {SYNTHETIC: (True, 'aligned'), SYNTHETIC_PLAIN: (False, 'aligned'),
+                      SYNTHETIC_WILD: (True, 'wild')}
+NAMES = (*SYNTHETIC_VARIANTS, *DATASETS)
 
 
 def _check_name(name: str) -> tuple:
@@ -50,7 +54,7 @@ def _check_name(name: str) -> tuple:
 
 def splits_of(name: str) -> tuple[str, ...]:
     """The splits dataset `name` has; ConfigError naming the datasets if it is none of them."""
-    if name in (SYNTHETIC, SYNTHETIC_PLAIN):
+    if name in SYNTHETIC_VARIANTS:
         from sce_mae_jax.data.synthetic import SPLITS
         return SPLITS
     return _check_name(name)[3]
@@ -150,29 +154,30 @@ class LandmarkSource:
                 f'num_landmarks={self.num_landmarks}, iod_indices={self.iod_indices})')
 
 
-def _synthetic_source(split: str, *, seed: int, clutter: bool, data_dir):
+def _synthetic_source(split: str, *, seed: int, clutter: bool, placement: str, data_dir):
     """The faces from `python -m sce_mae_jax.data.prepare --dataset=synthetic` when they are prepared in
     `data_dir` (the same items, read instead of rendered), else rendered on the fly. Without a data_dir nothing
     but the generator is imported (TFDS is slow to import)."""
     from sce_mae_jax.data import synthetic  # written separately; imported only when asked for
     if data_dir is not None:
         from sce_mae_jax.data.builders import synthetic as stored
-        prepared = stored.builder(seed, clutter, os.fspath(data_dir))
+        prepared = stored.builder(seed, clutter, os.fspath(data_dir), placement)
         if prepared.is_prepared():
             faces = stored.PreparedFaces(prepared, split)
             if len(faces) != synthetic.DEFAULT_SIZES[split]:  # prepared with --num_examples: epochs change
                 logging.warning('reading %d prepared synthetic %s faces from %s (the generator has %d)',
                                 len(faces), split, prepared.data_dir, synthetic.DEFAULT_SIZES[split])
             return faces
-    return synthetic.SyntheticFaces(split, seed=seed, clutter=clutter)
+    return synthetic.SyntheticFaces(split, seed=seed, clutter=clutter, placement=placement)
 
 
 def prepare_synthetic(name: str, *, data_dir=None, seed: int = 0, num_examples: int | None = None):
-    """Renders `synthetic` / `synthetic_plain` (all splits, each capped at `num_examples`) into `data_dir`
-    unless there already; returns the builder. A different cap than the prepared one is an error, not a
-    silent reuse."""
+    """Renders a generated dataset (SYNTHETIC_VARIANTS: all splits, each capped at `num_examples`) into
+    `data_dir` unless there already; returns the builder. A different cap than the prepared one is an error, not
+    a silent reuse."""
     from sce_mae_jax.data.builders import synthetic as stored
-    builder = stored.builder(seed, name == SYNTHETIC, None if data_dir is None else os.fspath(data_dir))
+    clutter, placement = SYNTHETIC_VARIANTS[name]
+    builder = stored.builder(seed, clutter, None if data_dir is None else os.fspath(data_dir), placement)
     if builder.is_prepared():
         from sce_mae_jax.data import synthetic
         want = {s: n if num_examples is None else min(n, num_examples) for s, n in synthetic.DEFAULT_SIZES.items()}
@@ -191,7 +196,8 @@ def get_source(name: str, split: str, *, manual_dir: str | os.PathLike | None = 
     """A random-access source for ``name``/``split``.
 
     Args:
-        name: ``synthetic``, ``synthetic_plain`` (no background clutter), ``celeba`` (split ``pretrain``),
+        name: ``synthetic``, ``synthetic_plain`` (no background clutter), ``synthetic_wild`` (faces anywhere
+            in the crop, wide poses: the content benchmark), ``celeba`` (split ``pretrain``),
             ``mafl``, ``aflw_m``, ``aflw_r``, ``aflw_rc`` or ``300w`` (splits ``train``, ``test``).
         split: see above.
         manual_dir: raw files, needed only the first time (preparation).
@@ -203,8 +209,9 @@ def get_source(name: str, split: str, *, manual_dir: str | os.PathLike | None = 
         (L, 2), 'index': int64}``, ``num_landmarks`` and ``iod_indices``.
     """
     check(name, split)
-    if name in (SYNTHETIC, SYNTHETIC_PLAIN):
-        source = _synthetic_source(split, seed=seed, clutter=name == SYNTHETIC, data_dir=data_dir)
+    if name in SYNTHETIC_VARIANTS:
+        clutter, placement = SYNTHETIC_VARIANTS[name]
+        source = _synthetic_source(split, seed=seed, clutter=clutter, placement=placement, data_dir=data_dir)
         # Same attributes as the real sets; its 'landmarks' are the 5 MAFL-order points.
         for attr, default in (('num_landmarks', 5), ('iod_indices', (0, 1))):
             if not hasattr(source, attr):

@@ -49,6 +49,21 @@ _IMAGES_PER_ID = {"pretrain": 5, "train": 5, "test": 5, "match": 1}
 # pushed through the protocol's crop + resize): inter-ocular distance ~30 px, eye line at y ~ 62, centred.
 _EYE_MID = np.array([67.5, 62.0])
 _PX_PER_UNIT = 36.0  # template inter-ocular distance is 0.84 units -> ~30 px
+_CROP_LO = (IMAGE_SIZE - CROP_SIZE) / 2  # the protocol's centre crop starts here (20 px)
+_WILD_MARGIN = 3.0   # px between the crop border and the nearest landmark of a 'wild' face
+
+# Pose and placement distributions: (sd, clip) of yaw / pitch / roll in degrees and of the log scale, and the
+# mean log scale.
+# 'aligned' (synthetic, synthetic_plain): CelebA-like, the eye midpoint at _EYE_MID ± 2.5 px, so "the same place
+# in the frame" already matches faces well. 'wild' (synthetic_wild): the content benchmark, where a position
+# prior fails; faces anywhere in the crop, scale x0.5-1.2 (shrunk further if the 68 points would leave the crop),
+# roll up to 45 degrees, yaw up to 40 (towards AFLW's poses).
+PLACEMENTS = {
+    "aligned": {"yaw": (14, 35), "pitch": (6, 15), "roll": (6, 15), "log_scale": (0.08, 10.0),
+                "mean_log_scale": 0.0},
+    "wild": {"yaw": (18, 40), "pitch": (10, 25), "roll": (20, 45), "log_scale": (0.2, 0.45),
+             "mean_log_scale": -0.25},
+}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -242,7 +257,8 @@ def _background(r: np.random.Generator, clutter: bool = True) -> tuple[Image.Ima
     return img, d
 
 
-def _render(ident: dict[str, Any], r: np.random.Generator, clutter: bool = True) -> tuple[np.ndarray, np.ndarray]:
+def _render(ident: dict[str, Any], r: np.random.Generator, clutter: bool = True,
+            placement: str = "aligned") -> tuple[np.ndarray, np.ndarray]:
     """Draws one image. -> (uint8 (136, 136, 3), float32 (68, 2) landmarks)."""
     sp = ident["sp"]
     P = ident["shape"].copy()
@@ -261,12 +277,15 @@ def _render(ident: dict[str, Any], r: np.random.Generator, clutter: bool = True)
         P[up, 1] += closure * (P[lo, 1] - P[up, 1])
     gaze = r.normal(0, 0.25, 2)
 
-    # Pose: rotate about the head centre, weak perspective, CelebA-like alignment of the eye midpoint.
-    yaw = math.radians(float(np.clip(r.normal(0, 14), -35, 35)))
-    pitch = math.radians(float(np.clip(r.normal(0, 6), -15, 15)))
-    roll = math.radians(float(np.clip(r.normal(0, 6), -15, 15)))
+    # Pose: rotate about the head centre, weak perspective; 'aligned' places the eye midpoint as CelebA's
+    # alignment does, 'wild' anywhere the face still fits the crop (PLACEMENTS).
+    pose = PLACEMENTS[placement]
+    yaw = math.radians(float(np.clip(r.normal(0, pose["yaw"][0]), -pose["yaw"][1], pose["yaw"][1])))
+    pitch = math.radians(float(np.clip(r.normal(0, pose["pitch"][0]), -pose["pitch"][1], pose["pitch"][1])))
+    roll = math.radians(float(np.clip(r.normal(0, pose["roll"][0]), -pose["roll"][1], pose["roll"][1])))
     R = _rotation(yaw, pitch, roll)
-    scale = _PX_PER_UNIT * math.exp(r.normal(0, 0.08))
+    scale = _PX_PER_UNIT * math.exp(pose["mean_log_scale"] + float(np.clip(
+        r.normal(0, pose["log_scale"][0]), -pose["log_scale"][1], pose["log_scale"][1])))
     pivot = np.array([0.0, 0.0, -0.6])
     extra = {
         "fore": ident["forehead"],
@@ -281,7 +300,17 @@ def _render(ident: dict[str, Any], r: np.random.Generator, clutter: bool = True)
     persp = 1.0 / (1.0 - q[:, 2] / 9.0)  # mild perspective (camera ~9 units away)
     xy = q[:, :2] * persp[:, None]
     eye_mid = 0.5 * (xy[36:42].mean(0) + xy[42:48].mean(0))
-    shift = _EYE_MID + r.normal(0, [2.5, 2.5]) - eye_mid * scale
+    if placement == "aligned":
+        shift = _EYE_MID + r.normal(0, [2.5, 2.5]) - eye_mid * scale
+    else:
+        # The 68 points must stay inside the centre crop, or the protocol's crop would cut landmarks off: the
+        # face shrinks to fit, then its eye midpoint moves uniformly over the range the crop leaves it.
+        lo_c, hi_c = _CROP_LO + _WILD_MARGIN, _CROP_LO + CROP_SIZE - _WILD_MARGIN
+        extent = xy[:68].max(0) - xy[:68].min(0)
+        scale = min(scale, (hi_c - lo_c) / float(extent.max()))
+        lo = lo_c - (xy[:68].min(0) - eye_mid) * scale    # eye-midpoint positions that keep every point inside
+        hi = hi_c - (xy[:68].max(0) - eye_mid) * scale
+        shift = lo + r.uniform(0.0, 1.0, 2) * np.maximum(hi - lo, 0.0) - eye_mid * scale
     xy = xy * scale + shift
     lm = xy[:68]
     offs = np.cumsum([68] + [len(v) for v in extra.values()])
@@ -418,11 +447,17 @@ class SyntheticFaces:
     float32 (68, 2) iBUG order (both xy in 136-px pixels), 'identity' int32, 'index' int64.
     """
 
-    def __init__(self, split: str, seed: int = 0, num_examples: int | None = None, clutter: bool = True):
+    def __init__(self, split: str, seed: int = 0, num_examples: int | None = None, clutter: bool = True,
+                 placement: str = "aligned"):
         """clutter=False (dataset name ``synthetic_plain``): the smooth background field only, without the
-        random shapes drawn over it; faces, poses and landmarks are the same as with clutter."""
+        random shapes drawn over it; faces, poses and landmarks are the same as with clutter.
+        placement='wild' (dataset name ``synthetic_wild``): the same identities at poses and places of
+        `PLACEMENTS['wild']`, the content benchmark."""
         if split not in SPLITS:
             raise ValueError(f"unknown synthetic split {split!r}; expected one of {SPLITS}")
+        if placement not in PLACEMENTS:
+            raise ValueError(f"unknown placement {placement!r}; expected one of {tuple(PLACEMENTS)}")
+        self.placement = placement
         self.split = split
         self.seed = int(seed)
         self.num_examples = int(DEFAULT_SIZES[split] if num_examples is None else num_examples)
@@ -435,7 +470,9 @@ class SyntheticFaces:
 
     def __repr__(self) -> str:
         plain = "" if self.clutter else ", clutter=False"
-        return f"SyntheticFaces(split={self.split!r}, seed={self.seed}, num_examples={self.num_examples}{plain})"
+        wild = "" if self.placement == "aligned" else f", placement={self.placement!r}"
+        return (f"SyntheticFaces(split={self.split!r}, seed={self.seed}, num_examples={self.num_examples}"
+                f"{plain}{wild})")
 
     def identity_of(self, index: int) -> int:
         return _ID_BASE[self.split] + index // _IMAGES_PER_ID[self.split]
@@ -449,7 +486,7 @@ class SyntheticFaces:
         identity = self.identity_of(index)
         ident = _identity_params(self.seed, identity)
         r = np.random.default_rng([self.seed, 11, _SPLIT_ID[self.split], index])
-        image, lm68 = _render(ident, r, self.clutter)
+        image, lm68 = _render(ident, r, self.clutter, self.placement)
         return {
             "image": image,
             "landmarks": mafl_from_68(lm68).astype(np.float32),

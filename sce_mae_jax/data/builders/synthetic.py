@@ -25,10 +25,12 @@ NAME = 'sce_synthetic'
 class SyntheticConfig(tfds.core.BuilderConfig):
     seed: int = 0
     clutter: bool = True
+    placement: str = 'aligned'
 
 
-def config_name(seed: int, clutter: bool) -> str:
-    return f'{"clutter" if clutter else "plain"}_seed{seed}'
+def config_name(seed: int, clutter: bool, placement: str = 'aligned') -> str:
+    wild = '' if placement == 'aligned' else f'_{placement}'
+    return f'{"clutter" if clutter else "plain"}{wild}_seed{seed}'
 
 
 class SceSynthetic(tfds.core.GeneratorBasedBuilder, skip_registration=True):
@@ -65,14 +67,16 @@ class SceSynthetic(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         n = synthetic.DEFAULT_SIZES[split]
         n = n if self.num_examples is None else min(n, self.num_examples)
         faces = synthetic.SyntheticFaces(split, seed=self.builder_config.seed, num_examples=n,
-                                         clutter=self.builder_config.clutter)
+                                         clutter=self.builder_config.clutter,
+                                         placement=self.builder_config.placement)
         for i in range(n):
             item = faces[i]
             yield i, {**item, 'landmarks68': np.asarray(item['landmarks68'], np.float32)}
 
 
-def builder(seed: int, clutter: bool, data_dir: str | None) -> SceSynthetic:
-    config = SyntheticConfig(name=config_name(seed, clutter), seed=seed, clutter=clutter)
+def builder(seed: int, clutter: bool, data_dir: str | None, placement: str = 'aligned') -> SceSynthetic:
+    config = SyntheticConfig(name=config_name(seed, clutter, placement), seed=seed, clutter=clutter,
+                             placement=placement)
     return SceSynthetic(config=config, data_dir=data_dir, file_format='array_record')
 
 
@@ -82,7 +86,8 @@ class PreparedFaces(synthetic.SyntheticFaces):
     def __init__(self, prepared: SceSynthetic, split: str):
         cfg = prepared.builder_config
         self._records = prepared.as_data_source(split=split)
-        super().__init__(split, seed=cfg.seed, num_examples=len(self._records), clutter=cfg.clutter)
+        super().__init__(split, seed=cfg.seed, num_examples=len(self._records), clutter=cfg.clutter,
+                         placement=cfg.placement)
 
     def __repr__(self) -> str:
         return 'Prepared' + super().__repr__()
