@@ -20,6 +20,8 @@ from sce_mae_jax import config_lib
 
 
 def get_config(arg=None):
+    a = config_lib.parse_arg(arg, data='synthetic_wild', study='none')
+    arg = f'data={a.data}'
     s1 = config_lib.mae('t', arg)
     s1.model.update(embed_dim=96, depth=4, num_heads=3, decoder_embed_dim=64, decoder_depth=1, decoder_num_heads=4)
     s1.batch_size = 32
@@ -59,5 +61,10 @@ def get_config(arg=None):
     c.stage1 = s1
     c.stage2 = s2
     c.control = True                  # also train stage 2 on an untrained backbone (random_init_carb)
+    c.stage2_seeds = (0, 1, 2)        # stage 2 once per seed: sce_mae is reported as mean ± std over them
+    # further stage-2 runs on the same stage 1, each a row (NAME: ';'-separated ablation=... / group.field=...)
+    c.variants = ml_collections.ConfigDict(config_lib.STUDIES[a.study])
     c.evals = ml_collections.ConfigDict({'matching': matching, 'detection': detection})
+    if a.study != 'none':  # a study compares its variants at matching: detection trains two regressors a row
+        del c.evals['detection']
     return c

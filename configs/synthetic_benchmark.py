@@ -21,6 +21,8 @@ WIDTH = dict(embed_dim=192, depth=6, num_heads=3)
 
 
 def get_config(arg=None):
+    a = config_lib.parse_arg(arg, data='synthetic_wild', study='none')
+    arg = f'data={a.data}'
     s1 = config_lib.mae('t', arg)
     s1.model.update(**WIDTH, decoder_embed_dim=128, decoder_depth=2, decoder_num_heads=4)
     s1.batch_size = 64
@@ -51,7 +53,7 @@ def get_config(arg=None):
     detection.regressor.hidden = (64,)
     detection.figures.faces = 4
 
-    limited = config_lib.eval_limited('data=synthetic')
+    limited = config_lib.eval_limited(arg)
     limited.features.stride = 8
     limited.rows = ('mae', 'sce_mae')
     limited.limited.sizes = (1, 10, 100)
@@ -64,5 +66,11 @@ def get_config(arg=None):
     c.stage1 = s1
     c.stage2 = s2
     c.control = True                  # also train stage 2 on an untrained backbone (random_init_carb)
+    c.stage2_seeds = (0, 1, 2)        # stage 2 once per seed: sce_mae is reported as mean ± std over them
+    # further stage-2 runs on the same stage 1, each a row (NAME: ';'-separated ablation=... / group.field=...)
+    c.variants = ml_collections.ConfigDict(config_lib.STUDIES[a.study])
     c.evals = ml_collections.ConfigDict({'matching': matching, 'detection': detection, 'limited': limited})
+    if a.study != 'none':  # a study compares its variants at matching: detection trains two regressors a row
+        del c.evals['detection']
+        del c.evals['limited']
     return c

@@ -34,7 +34,9 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
 
 
 def data_fields(c: ml_collections.ConfigDict, data: str) -> None:
-    c.data = data            # dataset name: synthetic (embedded default), celeba, mafl, aflw_m, aflw_r, aflw_rc, 300w
+    # dataset name: synthetic (the embedded default), synthetic_plain, synthetic_wild (the content benchmark:
+    # faces anywhere in the crop), celeba, mafl, aflw_m, aflw_r, aflw_rc, 300w
+    c.data = data
     c.data_seed = 0          # seed of the synthetic generator (which faces exist), not of shuffling
     c.data_dir = ''          # where prepared TFDS datasets live (real data only)
     c.manual_dir = ''        # the user-prepared raw files (real data only; docs/datasets.md)
@@ -81,7 +83,10 @@ def mae(size: str, arg: str | None) -> ml_collections.ConfigDict:
 ABLATIONS = {
     'none': {},
     'no_clustering': {'carb.clustering': False},                       # full correspondence over all N tokens
-    'no_lcr': {'lcr.locality': 'sqrt', 'lcr.rep': (1.0, 1.0, 1.0)},    # CL's loss: ||pos_i − pos_j||^0.5, λ = 1
+    # Table 4's "+clustering" row: CARB's split and clustering kept, CL's loss (||pos_i − pos_j||^0.5, λ = 1) on T
+    'no_lcr': {'lcr.locality': 'sqrt', 'lcr.rep': (1.0, 1.0, 1.0)},
+    # CL's own stage 2 on the same ViT: every position, no split, no clustering, CL's loss
+    'cl': {'carb.clustering': False, 'lcr.locality': 'sqrt', 'lcr.rep': (1.0, 1.0, 1.0)},
     'no_locality': {'lcr.locality': 'none'},                           # repellence without f_loc
     'no_att_att': {'lcr.rep': (0.0, 5.0, 2.0)},                        # Table S6 rows
     'no_att_inatt': {'lcr.rep': (5.0, 0.0, 2.0)},
@@ -90,6 +95,24 @@ ABLATIONS = {
 }
 
 PROJECTOR_TAU = {64: 1 / 8, 128: 1 / 7, 256: 1 / 7}  # CL's temperatures (method.md §2.6)
+
+# Stage-2 variants the pipeline configs (quickstart, synthetic_benchmark) train beside the default on the same
+# stage 1 with `:study=NAME`, each a row of the evaluations: NAME → ';'-separated `ablation=...` or
+# `group.field=value` (quickstart.py parse_overrides). docs/results.md reports both studies.
+STUDIES = {
+    'none': {},
+    # the paper's Table 4 (and CL's own stage 2) on our ViT
+    'table4': {'no_clustering': 'ablation=no_clustering', 'no_lcr': 'ablation=no_lcr', 'cl': 'ablation=cl'},
+    # the projector: each change of issue 17 against the default, one at a time
+    'projector': {
+        'paper_map': 'carb.projector_input=substituted;carb.projector_map=tokens;projector.activation=softmax;'
+                     'projector.softmax_scale=7.0',  # CL's softmax x7 on the substituted 12x12 map (before)
+        'softmax_x7': 'projector.activation=softmax;projector.softmax_scale=7.0',
+        'softmax_x1': 'projector.activation=softmax;projector.softmax_scale=1.0',
+        'linear': 'projector.activation=linear',
+        'augment_cl': 'input.augment=cl',
+    },
+}
 
 
 def carb(size: str, arg: str | None, *, dim: int, eta: float) -> ml_collections.ConfigDict:
@@ -134,12 +157,22 @@ def carb(size: str, arg: str | None, *, dim: int, eta: float) -> ml_collections.
         mode='B',            # 'B': substitute final features; 'A': later blocks see only CLS+attentive+centres
         clustering=True,     # False: full correspondence over all tokens
         gather_selected=True,  # compute the loss on the |T| selected tokens only (same value, less work)
+        # what the projector reads in training (train/carb.py token_descriptors): 'raw' the unsubstituted final
+        # tokens (the centres' copies stay out of a softmax's normaliser) or 'substituted' (the withdrawn reading)
+        projector_input='raw',
+        # 'upsampled': the projector on the map bilinearly upsampled to image_size, as evaluation applies it,
+        # each token read at its centre pixel; 'tokens': on the 12x12 token grid
+        projector_map='upsampled',
     )
     # LCR loss (eq. 4-7): temperature τ (CL's: 1/8 for 64-d, 1/7 otherwise); λ_rep for att-att, att-inatt and
     # inatt-inatt pairs; locality f_loc: 'log' log(d + 1) (eq. 5), 'sqrt' CL's d^0.5, 'linear' d, 'none' 1
     c.lcr = dict(tau=PROJECTOR_TAU.get(a.dim, 1 / 7), rep=(5.0, 5.0, 2.0), locality='log')
     c.lead = dict(tau=0.05)  # carb.objective=lead: LEAD's temperature (paper 003)
-    c.input = dict(flip=False, workers=0)  # horizontal flip; grain worker processes (0: threads in-process)
+    c.input = dict(
+        augment='none',      # 'none': the centre crop; 'cl': CL's random resized crop + colour jitter (data/pipeline.py)
+        flip=False,          # horizontal flip
+        workers=0,           # grain worker processes (0: threads in-process)
+    )
     for key, value in ABLATIONS[a.ablation].items():
         group, field = key.split('.')
         c[group][field] = value
@@ -153,7 +186,7 @@ def eval_fields(c: ml_collections.ConfigDict) -> None:
     c.stage2 = ''            # stage-2 workdir trained on stage1: the `sce_mae` row
     c.random_init_carb = ''  # stage-2 workdir trained with init_from=random_init: the control row
     c.extra = ''             # further stage-2 workdirs as rows: 'no_lcr=DIR,lead=DIR2'
-    c.rows = ('random_init', 'positions', 'pixels', 'mae', 'sce_mae', 'random_init_carb')  # evals/rows.py
+    c.rows = ('random_init', 'positions', 'mean_shape', 'pixels', 'mae', 'sce_mae', 'random_init_carb')  # evals/rows.py
     c.seed = 0               # random_init's initialisation
     c.batch_size = 32        # global; a multiple of the device count
     # cover-and-stride stride (divides the patch); block: −1 = final normed tokens (the paper's), or a 0-based

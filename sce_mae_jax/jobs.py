@@ -7,7 +7,7 @@ import importlib
 JOBS = {
     'pretrain': 'sce_mae_jax.train.pretrain:train',
     'carb': 'sce_mae_jax.train.carb:train',
-    'pipeline': 'sce_mae_jax.train.pipeline:train',
+    'pipeline': 'sce_mae_jax.quickstart:train',
     'eval_matching': 'sce_mae_jax.evals.matching:run',
     'eval_detection': 'sce_mae_jax.evals.detection:run',
     'eval_limited': 'sce_mae_jax.evals.detection:run_limited',

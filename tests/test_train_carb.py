@@ -131,6 +131,45 @@ def test_gathered_loss_equals_masked_loss():
     np.testing.assert_allclose(float(gathered), float(masked), rtol=1e-5)
 
 
+def test_stage2_trains_on_the_map_that_evaluation_reads():
+    """The descriptors the LCR loss reads are the evaluation's descriptor map (cover-and-stride at the plain
+    stride, bilinear to 96, projector) at the token centres: the same kind of map, the same softmax normaliser,
+    no centre copies in it. The old path (projector on the substituted 12x12 map) is not."""
+    from sce_mae_jax.evals import features
+    vit, params, _ = _backbone_and_images()
+    images = np.random.default_rng(3).integers(0, 256, (2, 96, 96, 3), dtype=np.uint8)
+    config = _config()
+    assert (config.carb.projector_input, config.carb.projector_map) == ('raw', 'upsampled')
+    feats = carb_train.carb_features(params, pipeline.normalize(jnp.asarray(images)), encoder=vit, cc=config.carb)
+    _, projector, tx, _, _ = carb_train.build(config, 10)
+    proj_params = carb_train.init_state(projector, tx, 0, 144, 48)['params']
+    train_desc, dense = carb_train.token_descriptors(proj_params, feats, projector=projector, cc=config.carb,
+                                                     image_size=96)
+    evaluated = np.asarray(features.dense_features(params, proj_params, images, encoder=vit, projector=projector,
+                                                   stride=8, size=96))
+    centres = np.arange(12) * 8 + 4
+    np.testing.assert_allclose(np.asarray(train_desc).reshape(2, 12, 12, -1),
+                               evaluated[:, centres][:, :, centres], rtol=1e-4, atol=1e-9)
+    np.testing.assert_allclose(np.asarray(dense).reshape(evaluated.shape), evaluated, rtol=1e-4, atol=1e-9)
+    config.carb.update(projector_input='substituted', projector_map='tokens')
+    old, _ = carb_train.token_descriptors(proj_params, feats, projector=projector, cc=config.carb, image_size=96)
+    assert not np.allclose(np.asarray(old), np.asarray(train_desc), rtol=1e-2)
+
+
+def test_stage2_augmentation():
+    """'none' is the centre crop; 'cl' a random resized crop with colour jitter, a function of the rng alone."""
+    image = np.random.default_rng(0).integers(0, 256, (136, 136, 3), dtype=np.uint8)
+    plain = pipeline.stage2_augment(96, 'none')({'image': image}, np.random.default_rng(1))['image']
+    np.testing.assert_array_equal(plain, image[20:116, 20:116])
+    cl = pipeline.stage2_augment(96, 'cl')
+    a = cl({'image': image}, np.random.default_rng(1))['image']
+    assert a.shape == (96, 96, 3) and a.dtype == np.uint8 and not np.array_equal(a, plain)
+    np.testing.assert_array_equal(a, cl({'image': image}, np.random.default_rng(1))['image'])
+    assert not np.array_equal(a, cl({'image': image}, np.random.default_rng(2))['image'])
+    with pytest.raises(ValueError, match='input.augment'):
+        pipeline.stage2_augment(96, 'heavy')
+
+
 def test_missing_init_from_is_a_clear_error(tmp_path):
     proc = run_main(['--config=configs/carb_deit_t.py', f'--workdir={tmp_path}', '--config.total_steps=1'],
                     check=False)

@@ -45,12 +45,13 @@ from PIL import Image, ImageDraw
 from sce_mae_jax import fileio
 from sce_mae_jax.data import pipeline, tps
 from sce_mae_jax.evals import features, report
+from sce_mae_jax.evals.report import SEED_MARK
 from sce_mae_jax.evals.rows import Row, load_rows
 from sce_mae_jax.models.heads import Regressor
 from sce_mae_jax.models.vit import ViT, patchify
 from sce_mae_jax.train import common, optim
 
-DATA = ('synthetic', 'synthetic_plain', 'mafl', 'aflw_m', 'aflw_r', '300w')
+DATA = ('synthetic', 'synthetic_plain', 'synthetic_wild', 'mafl', 'aflw_m', 'aflw_r', '300w')
 AUGMENTS = ('none', 'tps')
 
 
@@ -135,7 +136,7 @@ def check_data(data: str) -> None:
 
 
 def _epochs_field(data: str) -> str:
-    return {'300w': 'w300', 'synthetic_plain': 'synthetic'}.get(data, data)
+    return 'synthetic' if data.startswith('synthetic') else {'300w': 'w300'}.get(data, data)
 
 
 def _check_landmarks(view, num_landmarks: int, what: str) -> None:
@@ -464,7 +465,7 @@ def run(config, workdir: str) -> dict:
             continue
         _check_train_size(len(task.train), config, f'the {task.name} train split')
         todo.append(task)
-    progress = Progress('detection', len(todo) * len(rows))
+    progress = Progress('detection', len(todo) * len([r for r in rows if r.kind != MEAN_SHAPE]))
     for task in todo:
         per_row, figure_points = {}, {}
         steps_per_epoch = len(task.train) // config.batch_size
@@ -474,6 +475,8 @@ def run(config, workdir: str) -> dict:
         transform = tps_transform(encoder.image_size, config.tps) if augment else pipeline.eval_transform(
             encoder.image_size)
         for row in rows:
+            if row.kind == MEAN_SHAPE:
+                continue
             unit = os.path.join(workdir, 'detection', task.name, row.name)
             fns = Regression(config, row=row, encoder=encoder, mesh=mesh, task=task, total_steps=total, lr=config.lr)
             settings = _training_settings(config, row, task, len(task.train), total, config.lr, {
@@ -486,13 +489,16 @@ def run(config, workdir: str) -> dict:
                 return {'detection': results}
             per_row[row.name], figure_points[row.name] = out
             progress.step(f'{task.name}/{row.name}')
+        if any(r.kind == MEAN_SHAPE for r in rows):
+            for key, err in mean_shape_errors(task, transform_size=encoder.image_size).items():
+                per_row.setdefault(MEAN_SHAPE, {})[key] = err
         for key, view in task.tests:
             figs = []
             if config.figures.faces:
                 rel = os.path.join('figures', f'detection_{key}.png')
                 if jax.process_index() == 0:
                     save_detection_png(os.path.join(workdir, rel), view, rows_points={
-                        r: (figure_points[r][key], per_row[r][key]) for r in per_row},
+                        r: (figure_points[r][key], per_row[r][key]) for r in figure_points if SEED_MARK not in r},
                         title=f'detection on {key} (test): ground truth green, prediction red',
                         size=encoder.image_size)
                 figs = [(f'Detections on {key} test faces (paper Fig. S4)', rel)]
@@ -504,6 +510,28 @@ def run(config, workdir: str) -> dict:
             for r, v in section.items():
                 results.setdefault(r, {}).update(v)
     return {'detection': results}
+
+
+MEAN_SHAPE = 'mean_shape'  # the detection row that predicts the training set's mean landmarks for every face
+
+
+def mean_shape_errors(task: Task, *, transform_size: int) -> dict[str, float]:
+    """{test set: error} of the `mean_shape` row: every test face gets the mean of the training faces' landmarks
+    (in the centre-cropped frame the regressors see), no image read. On aligned faces this is a strong floor
+    (it knows where landmarks usually are); on faces placed anywhere it is what a model that ignores the image
+    scores."""
+    crop = pipeline.eval_transform(transform_size)
+
+    def landmarks(view):
+        return np.stack([crop(view[i])['landmarks'] for i in range(len(view))])
+
+    mean = landmarks(task.train).mean(0)
+    out = {}
+    for key, view in task.tests:
+        gt = landmarks(view)
+        out[key] = float(np.mean(iod_error(np.broadcast_to(mean, gt.shape), gt, task.iod_indices)))
+        logging.info('detection %s/%s: %.2f', key, MEAN_SHAPE, out[key])
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- Table 3
@@ -521,6 +549,7 @@ def run_limited(config, workdir: str) -> dict:
     annotated images (repeated to fill an epoch, one random TPS warp per example) and tested on the full test
     set. → {'limited': {row: {str(N): [mean, std over seeds]}}}, job key `limited/<set>`."""
     encoder, rows, skipped, mesh, fp = _setup(config, workdir, limited=True)
+    rows = [r for r in rows if r.kind != MEAN_SHAPE]  # Table 3 trains regressors only
     task = tasks(config, limited=True)[0]
     key, view = task.tests[0]
     job_key = f'limited/{key}'

@@ -9,8 +9,9 @@ output is therefore an ordinary stride-s grid of (H/s) x (W/s) cells, aligned th
 (half-pixel centres) expects, so bilinear upsampling to H x W puts every descriptor at its own pixels. (For odd
 p − s, e.g. s = 1, windows sit half a pixel off their cell's centre: integers cannot do better.)
 
-Order (method.md §2.5): stage-1 map → bilinear upsampling → projector. CL's projector ends in a softmax over all
-positions, so applying it before upsampling would give a different map.
+Order (method.md §2.5): stage-1 map → bilinear upsampling → projector, through `heads.descriptor_map`, which
+stage 2 trains through too. CL's projector ends in a softmax over all positions, so applying it before
+upsampling would give a different map.
 
 All functions are pure `jnp` over a batch; the evaluators jit them over the mesh with the batch on `data`.
 """
@@ -20,7 +21,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from sce_mae_jax.carb import l2_normalize
 from sce_mae_jax.data import pipeline
+from sce_mae_jax.models.heads import descriptor_map, upsample
 from sce_mae_jax.models.vit import ViT, sincos_pos_embed_2d
 from sce_mae_jax.train.common import ConfigError
 
@@ -87,14 +90,6 @@ def token_map(encoder: ViT, params, images: jax.Array, block: int = -1) -> jax.A
     return tokens.reshape(b, encoder.grid, encoder.grid, c).astype(jnp.float32)
 
 
-def upsample(maps: jax.Array, size: int) -> jax.Array:
-    """Bilinear (half-pixel centres, as PyTorch's align_corners=False) (B, h, w, C) → (B, size, size, C)."""
-    b, h, w, c = maps.shape
-    if (h, w) == (size, size):
-        return maps
-    return jax.image.resize(maps, (b, size, size, c), method='bilinear')
-
-
 def position_features(encoder: ViT, batch: int, size: int) -> jax.Array:
     """The `positions` control, (batch, size, size, D): the encoder's fixed 2-D sin-cos position table
     (method.md §1) on its g x g token grid, bilinearly resized, the same for every image. Its dot products fall
@@ -104,17 +99,14 @@ def position_features(encoder: ViT, batch: int, size: int) -> jax.Array:
     return jnp.broadcast_to(upsample(table, size), (batch, size, size, d))
 
 
-def l2_normalize(x: jax.Array, eps: float = 1e-8) -> jax.Array:
-    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
-
-
 def dense_features(backbone, proj_params, images_uint8: jax.Array, *, encoder: ViT, projector=None,
                    stride: int, block: int = -1, size: int | None = None, concat: bool = False) -> jax.Array:
     """The descriptor map an evaluation reads: uint8 (B, H, W, 3) → float32 (B, S, S, C').
 
     stage-1 map by cover-and-stride at `stride` (block `block`) → bilinear to `size` (None: keep H/s) → the
     projector when given (`proj_params` its parameters), whose output is returned. `concat=True` returns
-    instead L2(stage-1) ⊕ L2(stage-2), each part normalised per position (the detection regressor's input,
+    instead L2(stage-1) ⊕ L2(stage-2) at the map's own resolution, the stage-2 part projected at the image size
+    and averaged back over each cell, each part normalised per position (the detection regressor's input,
     method.md §4: the LayerNorm'd stage-1 tokens have norm ~√C and would otherwise drown the unit-scale
     projector output).
     """
@@ -125,5 +117,12 @@ def dense_features(backbone, proj_params, images_uint8: jax.Array, *, encoder: V
         maps = upsample(maps, size)
     if projector is None:
         return maps
-    proj = projector.apply({'params': proj_params}, maps)
-    return jnp.concatenate([l2_normalize(maps), l2_normalize(proj)], axis=-1) if concat else proj
+    if not concat:
+        return descriptor_map(projector, proj_params, maps, None)
+    # The regressor reads a coarser map than the image, but the projector is applied, as in training, to the
+    # map upsampled to the image size; each cell then takes the mean of its pixels' descriptors.
+    b, h, w, _ = maps.shape
+    full = images_uint8.shape[1]
+    proj = descriptor_map(projector, proj_params, maps, full)
+    proj = proj.reshape(b, h, full // h, w, full // w, -1).mean(axis=(2, 4))
+    return jnp.concatenate([l2_normalize(maps), l2_normalize(proj)], axis=-1)

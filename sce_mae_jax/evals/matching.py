@@ -23,8 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
+from sce_mae_jax.carb import l2_normalize
 from sce_mae_jax.evals import features
-from sce_mae_jax.evals.features import l2_normalize
 
 
 def descriptors_at(feats: jax.Array, points: jax.Array) -> jax.Array:
@@ -156,6 +156,7 @@ def run(config, workdir: str) -> dict:
     from sce_mae_jax.train import common
 
     encoder, rows, skipped = rows_lib.load_rows(config)
+    rows = [r for r in rows if r.kind != "mean_shape"]  # a detection row: it has no descriptors to match
     features.check_config(config.features, encoder)
     fp = report.fingerprint(config, rows)
     done = report.stored(workdir, "matching", fp)
@@ -195,7 +196,8 @@ def run(config, workdir: str) -> dict:
         fns[row.name] = (key, fn, backbone, proj)
         logging.info("matching %s: same %.2f, diff %.2f (70-px frame)", row.name, table[row.name].get("same", -1),
                      table[row.name].get("diff", -1))
-    figs, silhouette = plots.matching_figures(workdir, pairs, rows, fns, config.figures, mesh) if \
+    shown = [r for r in rows if report.SEED_MARK not in r.name]  # seed replicates: numbers only, no figures
+    figs, silhouette = plots.matching_figures(workdir, pairs, shown, fns, config.figures, mesh) if \
         config.figures.pairs > 0 else ([], {})
     n = min(int(config.premise.images), n_pairs)
     premise = {r.name: attentive.premise(encoder, r.backbone, pairs["tgt_images"][:n], pairs["tgt_landmarks"][:n],

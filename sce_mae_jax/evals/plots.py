@@ -16,8 +16,8 @@ from absl import logging
 from PIL import Image, ImageDraw
 
 from sce_mae_jax import fileio
+from sce_mae_jax.carb import l2_normalize
 from sce_mae_jax.evals import matching
-from sce_mae_jax.evals.features import l2_normalize
 
 # MAFL order: left eye, right eye, nose, left / right mouth corner (data/preview.py uses the same)
 LANDMARK_COLOURS = [(255, 60, 60), (60, 200, 60), (60, 120, 255), (255, 200, 0), (220, 60, 220)]

@@ -6,6 +6,8 @@ results.json:
      "limited":    {ROW: {"1": [mean, std], "5": ..., ...}},         the same, AFLW_M, N annotations (Table 3)
      "silhouette": {ROW: [mean, std]},                               t-SNE of landmark descriptors (Fig. 5)
      "premise":    {ROW: {BLOCK: {...}}},                            attentive-split diagnostic (evals/attentive.py)
+     "spread":     {"matching"|"detection": {ROW: {COLUMN: [mean, std, n]}}}   rows with seed replicates
+                                                                     `ROW@seedS` (quickstart.py), over all seeds
      "meta":       {JOB_KEY: {"command", "config", "rows", "versions", "fingerprint", "figures", ...}}}
 Several jobs may write into one workdir (the quick start does): each merges its section, and a job whose
 fingerprint (config + checkpoints) is already stored returns the stored numbers instead of recomputing.
@@ -35,7 +37,7 @@ PAPER = {
     'limited': 'AFLW_M, 256-d: 17.08±1.35, 11.28±0.54, 10.30±0.09, 8.95±0.08, 8.20±0.20, 7.58±0.09 for '
                '1 / 5 / 10 / 20 / 50 / 100 annotations.',
 }
-ROW_ORDER = ('random_init', 'positions', 'pixels', 'mae', 'sce_mae', 'random_init_carb')
+ROW_ORDER = ('random_init', 'positions', 'mean_shape', 'pixels', 'mae', 'sce_mae', 'random_init_carb')
 
 
 def load(workdir: str) -> dict:
@@ -99,6 +101,8 @@ def update(workdir: str, sections: dict[str, Any], job_key: str, meta: dict, col
             _merge(results.setdefault(name, {}), section)
             results[name] = {r: v for r, v in results[name].items() if v}
     results.setdefault('meta', {})[job_key] = {'command': command_line(), 'versions': versions(), **meta}
+    results['spread'] = {name: spread(results[name]) for name in ('matching', 'detection') if name in results}
+    results['spread'] = {k: v for k, v in results['spread'].items() if v}
     if jax.process_index() == 0:
         fileio.makedirs(workdir)
         fileio.write_text(os.path.join(workdir, RESULTS), json.dumps(results, indent=2, sort_keys=True))
@@ -108,6 +112,57 @@ def update(workdir: str, sections: dict[str, Any], job_key: str, meta: dict, col
 
 def _rows(section: dict) -> list[str]:
     return [r for r in ROW_ORDER if r in section] + sorted(r for r in section if r not in ROW_ORDER)
+
+
+SEED_MARK = '@seed'  # 'ROW@seedS': a replicate of ROW trained with another seed (quickstart.stage2_runs)
+
+
+def spread(section: dict) -> dict:
+    """{ROW: {COLUMN: [mean, std, n]}} for every row that has seed replicates `ROW@seedS` in `section`
+    ({ROW: {COLUMN: float}}): the row itself and its replicates, std with n − 1 (0 for n = 1)."""
+    out = {}
+    for row in section:
+        reps = [r for r in section if r.startswith(row + SEED_MARK)]
+        if SEED_MARK in row or not reps:
+            continue
+        cols = {}
+        for col, value in section[row].items():
+            vals = [section[r].get(col) for r in [row, *reps]]
+            vals = [v for v in vals if isinstance(v, (int, float))]
+            if vals:
+                mean = sum(vals) / len(vals)
+                var = sum((v - mean) ** 2 for v in vals) / (len(vals) - 1) if len(vals) > 1 else 0.0
+                cols[col] = [mean, var ** 0.5, len(vals)]
+        out[row] = cols
+    return out
+
+
+def versus(section: dict, row: str, reference: str, column: str) -> str | None:
+    """How `row` (over its seeds) compares with `reference` in `column`, lower being better: 'better' or 'worse'
+    only when every seed lies on that side of the reference's value (or its seeds' range) and the means differ
+    by more than the larger std; else 'no difference'. None when either is missing."""
+    def values(r):
+        return [section[x][column] for x in section if (x == r or x.startswith(r + SEED_MARK))
+                and isinstance(section[x].get(column), (int, float))]
+    a, b = values(row), values(reference)
+    if not a or not b:
+        return None
+    spreads = [v[column][1] for v in spread({k: section[k] for k in section
+                                              if k.split(SEED_MARK)[0] in (row, reference)}).values()
+               if column in v]
+    gap = sum(a) / len(a) - sum(b) / len(b)
+    if max(a) < min(b) and -gap > max(spreads, default=0.0):
+        return 'better'
+    if min(a) > max(b) and gap > max(spreads, default=0.0):
+        return 'worse'
+    return 'no difference'
+
+
+def _with_spread(section: dict) -> dict:
+    """The section as the report shows it: a row with seed replicates as [mean, std], replicates folded in."""
+    folded = spread(section)
+    return {r: ({c: v[:2] for c, v in folded[r].items()} if r in folded else v)
+            for r, v in section.items() if SEED_MARK not in r}
 
 
 def _fmt(v) -> str:
@@ -123,6 +178,22 @@ def _table(section: dict, columns: list[str], header: list[str]) -> list[str]:
     return out
 
 
+def _verdicts(section: dict, columns: list[str]) -> list[str]:
+    """Under a table with seed replicates: each stage-2 row against `mae`, column by column (`versus`)."""
+    folded = spread(section)
+    if not folded:
+        return []
+    n = max(v[2] for cols in folded.values() for v in cols.values())
+    lines = ['', f'Rows with seed replicates show mean ± std over {n} stage-2 seeds. Against `mae` (lower is '
+                 'better; a difference counts only when every seed is on the same side and the means differ by '
+                 'more than the std):', '']
+    for row in [r for r in _rows(folded) if r != 'mae']:
+        said = [f'{c} {versus(section, row, "mae", c)}' for c in columns if versus(section, row, 'mae', c)]
+        if said:
+            lines.append(f'- `{row}`: ' + ', '.join(said))
+    return lines
+
+
 def render(results: dict) -> str:
     """report.md: the paper's table layouts, our numbers, the paper's below them, figures inline."""
     meta = results.get('meta', {})
@@ -135,7 +206,8 @@ def render(results: dict) -> str:
                   f'Mean pixel error in the 70-px frame (CL: error at 96 px × 69/95), {m.get("pairs", "?")} pairs '
                   f'of `{m.get("data", "?")}` (half same identity, half different), features at stride '
                   f'{m.get("stride", "?")} upsampled to 96 px. Lower is better.', '']
-        lines += _table(results['matching'], ['same', 'diff'], ['same identity', 'different identity'])
+        lines += _table(_with_spread(results['matching']), ['same', 'diff'], ['same identity', 'different identity'])
+        lines += _verdicts(results['matching'], ['same', 'diff'])
         lines += ['', f'Paper: {PAPER["matching"]}', '']
     if 'silhouette' in results:
         lines += ['## Landmark descriptors (paper Fig. 5)', '',
@@ -149,7 +221,8 @@ def render(results: dict) -> str:
         lines += ['## Landmark detection (paper Table 2)', '',
                   '100 × mean(‖pred − gt‖ / inter-ocular distance): eye centres for 5-point sets, outer eye '
                   'corners (36, 45) for 68 points. Frozen features, trained regressor. Lower is better.', '']
-        lines += _table(results['detection'], sets, sets)
+        lines += _table(_with_spread(results['detection']), sets, sets)
+        lines += _verdicts(results['detection'], sets)
         lines += ['', f'Paper: {PAPER["detection"]}', '']
     if 'limited' in results:
         ns = sorted({n for v in results['limited'].values() for n in v}, key=int)

@@ -2,8 +2,9 @@
 
     random_init       an untrained encoder of the same size (seed `config.seed`)
     positions         a descriptor that knows only where it is: the encoder's fixed sin-cos position table, the
-                      same for every image. Faces in these benchmarks are roughly aligned, so this is the floor a
-                      learned feature must clear to show it matches content rather than position.
+                      same for every image. On aligned faces (CelebA, synthetic) this is the floor a learned
+                      feature must clear to show it matches content rather than position.
+    mean_shape        detection only: every face gets the training set's mean landmarks, no image read
     pixels            raw-pixel descriptors, no network (matching: 7x7 neighbourhoods; see matching.py)
     mae               the stage-1 encoder alone (the paper's "Baseline")
     sce_mae           the stage-2 workdir: its frozen backbone + the CARB projector
@@ -32,13 +33,14 @@ from sce_mae_jax.models.mae import RANDOM_INIT, encoder_from_model_config, rando
 from sce_mae_jax.models.vit import ViT
 from sce_mae_jax.train.common import ConfigError, load_params, restore_tree, shape_mismatches
 
-ROWS = ('random_init', 'positions', 'pixels', 'mae', 'sce_mae', 'random_init_carb')
+ROWS = ('random_init', 'positions', 'mean_shape', 'pixels', 'mae', 'sce_mae', 'random_init_carb')
 
 
 @dataclasses.dataclass(frozen=True)
 class Row:
     name: str
-    kind: str                     # 'positions', 'pixels', 'backbone' (stage-1 features) or 'projected' (+ projector)
+    # 'positions', 'mean_shape', 'pixels', 'backbone' (stage-1 features) or 'projected' (+ projector)
+    kind: str
     backbone: Any = None          # encoder params
     projector: Projector | None = None
     proj_params: Any = None
@@ -136,6 +138,8 @@ def load_rows(config) -> tuple[ViT, list[Row], list[str]]:
                             source=f'seed {config.seed}'))
         elif name == 'positions':
             rows.append(Row(name, 'positions', source='sin-cos position table'))
+        elif name == 'mean_shape':
+            rows.append(Row(name, 'mean_shape', source="the training set's mean landmarks (detection only)"))
         elif name == 'pixels':
             rows.append(Row(name, 'pixels', source='raw pixels'))
         elif name == 'mae':

@@ -6,6 +6,7 @@ from typing import Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 PROJECTOR_ACTIVATIONS = ('softmax', 'linear')
 
@@ -15,11 +16,11 @@ class Projector(nn.Module):
     sequence (batch, N, C) → (batch, N, out_dim).
 
     CL's projector, which SCE-MAE inherits (method.md §2.5): a 1x1 convolution, then `activation='softmax'`, a
-    softmax over all spatial positions of each output channel with multiplier `softmax_scale` (7). Every channel
-    becomes a soft part detector that competes across the image, so the result depends on the map it is applied
-    to: stage 2 applies it to the 12x12 token map, evaluation to the upsampled map (method.md §2.5).
-    `activation='linear'` is the plain per-position linear map. `hidden` adds ReLU layers before the output
-    layer and `kernel_size` > 1 makes every layer a spatial convolution over the grid.
+    softmax over all spatial positions of each output channel with multiplier `softmax_scale` (CL's 7). Every
+    channel becomes a soft part detector that competes across the image, so the result depends on the map it is
+    applied to: training and evaluation both apply it through `descriptor_map`, to a smooth map upsampled to the
+    image size. `activation='linear'` is the plain per-position linear map. `hidden` adds ReLU layers before the
+    output layer and `kernel_size` > 1 makes every layer a spatial convolution over the grid.
     """
     out_dim: int
     hidden: Sequence[int] = ()
@@ -45,6 +46,44 @@ class Projector(nn.Module):
         if self.activation == 'softmax':
             x = jax.nn.softmax(self.softmax_scale * x.reshape(b, h * w, self.out_dim), axis=1).reshape(x.shape)
         return x.reshape(b, h * w, self.out_dim) if tokens else x
+
+
+def upsample(maps: jax.Array, size: int) -> jax.Array:
+    """Bilinear (half-pixel centres, as PyTorch's align_corners=False) (B, h, w, C) → (B, size, size, C)."""
+    b, h, w, c = maps.shape
+    if (h, w) == (size, size):
+        return maps
+    return jax.image.resize(maps, (b, size, size, c), method='bilinear')
+
+
+def descriptor_map(projector: Projector, params, feature_map: jax.Array, size: int | None) -> jax.Array:
+    """The one way descriptors are made, in stage-2 training and in every evaluation: a frozen feature map
+    (B, h, w, C) → bilinear to (B, size, size, C) (None: as it is) → the projector, (B, size, size, D).
+
+    One function, so that the map stage 2 shapes the projector's softmax on is the kind of map evaluation
+    reads (method.md §2.5, the withdrawn decision: a spatial softmax over 144 tokens is not the same function as
+    one over 9,216 upsampled positions)."""
+    if size is not None:
+        feature_map = upsample(feature_map, size)
+    return projector.apply({'params': params}, feature_map)
+
+
+def token_pixels(grid: int, patch: int, size: int) -> jax.Array:
+    """(N,) flat indices into a size x size map of the pixels under the N = grid² token centres, row-major:
+    token (r, c) at pixel ⌊(p·r + p/2)·size/(p·grid)⌋; at size = p·grid that is (8r + 4, 8c + 4), the token
+    position of the LCR loss (carb.token_positions)."""
+    centre = (np.arange(grid) * patch + patch / 2.0) * size / (patch * grid)
+    idx = np.minimum(np.floor(centre).astype(np.int32), size - 1)
+    return jnp.asarray((idx[:, None] * size + idx[None, :]).reshape(-1), jnp.int32)
+
+
+def channel_support(proj: jax.Array) -> jax.Array:
+    """Mean effective support of a softmax projector's channels as a fraction of the map: exp(entropy over
+    positions) / positions, averaged over channels and images; (B, H, W, D) or (B, P, D) → scalar. 1 is a
+    uniform channel, 1/P a one-hot one (every pixel's descriptor is then its one winning channel)."""
+    p = proj.reshape(proj.shape[0], -1, proj.shape[-1]).astype(jnp.float32)
+    entropy = -jnp.sum(p * jnp.log(jnp.maximum(p, 1e-30)), axis=1)
+    return jnp.mean(jnp.exp(entropy)) / p.shape[1]
 
 
 # ---------------------------------------------------------------------------------------------- keypoint regressor

@@ -22,7 +22,8 @@ from absl import logging
 
 from sce_mae_jax import carb, fileio, figures
 from sce_mae_jax.data import pipeline
-from sce_mae_jax.models.heads import PROJECTOR_ACTIVATIONS, Projector
+from sce_mae_jax.models.heads import (PROJECTOR_ACTIVATIONS, Projector, channel_support, descriptor_map,
+                                      token_pixels)
 from sce_mae_jax.models.mae import MAE, RANDOM_INIT, encoder_from_model_config, patch_errors, random_encoder_params
 from sce_mae_jax.models.vit import ViT, patchify
 from sce_mae_jax.train import common, optim
@@ -117,16 +118,43 @@ def gather_selected(proj, attentive, selected, positions, size: int):
     return take(proj), take(attentive) & valid, valid, positions[idx]
 
 
+PROJECTOR_INPUTS = ('raw', 'substituted')
+PROJECTOR_MAPS = ('upsampled', 'tokens')
+
+
+def token_descriptors(proj_params, feats, *, projector: Projector, cc, image_size: int):
+    """(B, N, D) the projector's descriptors of the N tokens, and the (B, P, D) map they were taken from.
+
+    `cc.projector_input`: 'raw' feeds the unsubstituted final tokens, so the copies of the cluster centres never
+    enter a softmax projector's per-channel normaliser (in mode B the selected tokens T, all the loss reads,
+    are the same either way); 'substituted' feeds the map after substitution (the withdrawn reading of
+    method.md §2.5). `cc.projector_map`: 'upsampled' applies the projector as evaluation does
+    (`heads.descriptor_map`: bilinear to image_size, then the projector) and reads each token at its centre
+    pixel; 'tokens' applies it to the g x g token map itself."""
+    tokens = feats['raw'] if cc.projector_input == 'raw' else feats['tokens']
+    b, n, c = tokens.shape
+    g = int(round(n ** 0.5))
+    grid = tokens.reshape(b, g, g, c)
+    if cc.projector_map == 'tokens':
+        dense = descriptor_map(projector, proj_params, grid, None).reshape(b, n, -1)
+        return dense, dense
+    dense = descriptor_map(projector, proj_params, grid, image_size)
+    dense = dense.reshape(b, image_size * image_size, -1)
+    return jnp.take(dense, token_pixels(g, image_size // g, image_size), axis=1), dense
+
+
 def stage2_loss(proj_params, feats, *, projector: Projector, config, positions):
     """(loss, aux) of the configured objective on precomputed (frozen) features."""
     cc = config.carb
-    proj = projector.apply({'params': proj_params}, feats['tokens'])
+    proj, dense = token_descriptors(proj_params, feats, projector=projector, cc=cc,
+                                    image_size=config.model.image_size)
+    support = {'channel_support': channel_support(dense)} if projector.activation == 'softmax' else {}
     if cc.objective == 'lead':
         # LEAD (paper 003 eq. 2–3) pairs every image with the next one in the global batch.
         teacher, student = feats['raw'], proj
         loss = carb.lead_loss(teacher, jnp.roll(teacher, 1, axis=0), student, jnp.roll(student, 1, axis=0),
                               tau=config.lead.tau)
-        return loss, {}
+        return loss, support
     if cc.objective != 'lcr':
         raise ValueError(f"carb.objective must be 'lcr' or 'lead', got {cc.objective!r}")
     att, sel, pos = feats['attentive'], feats['selected'], positions
@@ -134,7 +162,7 @@ def stage2_loss(proj_params, feats, *, projector: Projector, config, positions):
         proj, att, sel, pos = gather_selected(proj, att, sel, positions, selected_size(cc, proj.shape[1]))
     loss, aux = carb.lcr_loss(proj, sel, att, pos, tau=config.lcr.tau, rep=tuple(config.lcr.rep),
                               locality=config.lcr.locality)
-    return loss, {'num_selected': aux['num_selected'].mean(), 'p_self': aux['p_self'].mean()}
+    return loss, {'num_selected': aux['num_selected'].mean(), 'p_self': aux['p_self'].mean(), **support}
 
 
 # ---------------------------------------------------------------------------------------------- model & step
@@ -160,6 +188,12 @@ def validate(config) -> None:
     if config.projector.get('activation', 'linear') not in PROJECTOR_ACTIVATIONS:
         problems.append(f'projector.activation={config.projector.activation!r} must be one of '
                         f'{PROJECTOR_ACTIVATIONS}')
+    if cc.get('projector_input', 'raw') not in PROJECTOR_INPUTS:
+        problems.append(f'carb.projector_input={cc.projector_input!r} must be one of {PROJECTOR_INPUTS}')
+    if cc.get('projector_map', 'upsampled') not in PROJECTOR_MAPS:
+        problems.append(f'carb.projector_map={cc.projector_map!r} must be one of {PROJECTOR_MAPS}')
+    if config.input.get('augment', 'none') not in pipeline.STAGE2_AUGMENTATIONS:
+        problems.append(f'input.augment={config.input.augment!r} must be one of {pipeline.STAGE2_AUGMENTATIONS}')
     if len(config.lcr.rep) != 3:
         problems.append(f'lcr.rep={config.lcr.rep} must be three numbers (att-att, att-inatt, inatt-inatt)')
     if problems:
@@ -369,14 +403,7 @@ def train(config, workdir: str) -> dict:
     source = get_source(config.data, config.split, manual_dir=config.manual_dir or None,
                         data_dir=config.data_dir or None, seed=config.data_seed)
     size = config.model.image_size
-    crop = pipeline.eval_transform(size)
-
-    def transform(example, rng):
-        img = crop({'image': example['image']})['image']
-        if config.input.flip and rng.uniform() < 0.5:
-            img = np.ascontiguousarray(img[:, ::-1])
-        return {'image': img}
-
+    transform = pipeline.stage2_augment(size, config.input.get('augment', 'none'), config.input.flip)
     it = pipeline.train_iterator(source, global_batch=config.batch_size, seed=config.seed, transform=transform,
                                  num_workers=config.input.workers)
 
