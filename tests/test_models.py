@@ -126,3 +126,25 @@ def test_bfloat16_compute_keeps_float32_parameters():
     loss16, _, _ = model.apply({'params': params}, x, noise=noise)
     loss32, _, _ = _tiny_mae().apply({'params': params}, x, noise=noise)
     assert loss16.dtype == jnp.float32 and abs(float(loss16) - float(loss32)) < 0.05 * float(loss32)
+
+
+def test_projector_upsampling_inside_equals_upsampling_before():
+    """descriptor_map's size: the pointwise projector upsamples its logits instead of its input (cheaper); the
+    values are those of projecting the upsampled map, for the softmax and the linear form, and its einsum
+    layer is nn.Conv's 1x1 convolution with the same parameters."""
+    import flax.linen as nn
+
+    from sce_mae_jax.models.heads import Pointwise, Projector, descriptor_map, upsample
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 12, 12, 24))
+    for activation, atol in (('softmax', 1e-9), ('linear', 1e-5)):  # softmax values ~1e-4, linear ~1
+        proj = Projector(8, activation=activation)
+        params = proj.init(jax.random.PRNGKey(1), x)['params']
+        fast = descriptor_map(proj, params, x, 96)
+        slow = proj.apply({'params': params}, upsample(x, 96))
+        assert fast.shape == (2, 96, 96, 8)
+        np.testing.assert_allclose(np.asarray(fast), np.asarray(slow), rtol=1e-4, atol=atol)
+    conv = nn.Conv(8, (1, 1))
+    cp = conv.init(jax.random.PRNGKey(2), x)
+    np.testing.assert_allclose(np.asarray(Pointwise(8).apply(cp, x)), np.asarray(conv.apply(cp, x)), rtol=1e-5,
+                               atol=1e-6)
+    assert jax.tree.map(jnp.shape, Pointwise(8).init(jax.random.PRNGKey(2), x)) == jax.tree.map(jnp.shape, cp)
