@@ -127,7 +127,7 @@ def test_preview_writes_png(tmp_path):
 def test_preview_cli_describes_every_flag_and_writes_relative_to_the_caller(tmp_path, monkeypatch, capsys):
     from sce_mae_jax.data import preview
 
-    text = preview.parser().format_help()
+    text = ' '.join(preview.parser().format_help().split())
     for action in preview.parser()._actions:
         assert action.help and action.help.strip(), action.option_strings
     assert 'a relative path is taken from the current directory' in text
