@@ -1,11 +1,31 @@
-"""PNG figures written during training: MAE reconstructions and the CARB token split (supplementary Fig. S1)."""
+"""PNG figures written during training (MAE reconstructions, the CARB token split of supplementary Fig. S1, loss
+curves), and the landmark colours every figure shares: the preview, matches, similarity and t-SNE figures."""
 from __future__ import annotations
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from sce_mae_jax import fileio
 from sce_mae_jax.data import pipeline
+
+# The 5 MAFL landmarks in their order in every dataset and pair file, and one colour each: a landmark has the same
+# colour in every figure, so a left/right swap shows as a colour in the wrong place.
+LANDMARK_NAMES = ('left eye', 'right eye', 'nose', 'left mouth corner', 'right mouth corner')
+LANDMARK_COLOURS = ((255, 40, 40), (40, 120, 255), (40, 230, 40), (255, 220, 0), (230, 40, 230))
+LEGEND_HEIGHT = 14
+
+
+def draw_landmark_legend(draw: ImageDraw.ImageDraw, x: int, y: int, text=(0, 0, 0), names=LANDMARK_NAMES) -> None:
+    """One row of colour swatches with the landmark names, starting at (x, y), LEGEND_HEIGHT px tall."""
+    for name, colour in zip(names, LANDMARK_COLOURS):
+        draw.ellipse([x, y + 3, x + 7, y + 10], fill=colour, outline=(0, 0, 0))
+        draw.text((x + 10, y + 1), name, fill=text)
+        x += 10 + int(draw.textlength(name)) + 10
+
+
+def legend_width(draw: ImageDraw.ImageDraw, names=LANDMARK_NAMES) -> int:
+    return sum(20 + int(draw.textlength(n)) for n in names)
+
 
 # Distinct colours for up to 8 clusters (more wrap around).
 CLUSTER_COLOURS = np.array([[230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48],

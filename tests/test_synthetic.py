@@ -115,13 +115,15 @@ def test_preview_writes_png(tmp_path):
     from PIL import Image
 
     from sce_mae_jax.data import preview
+    from sce_mae_jax.figures import LANDMARK_COLOURS, LEGEND_HEIGHT
 
     out = tmp_path / "grid.png"
     preview.main(["--data=synthetic", "--split=test", f"--out={out}", "--n=2"])
     im = Image.open(out)
-    assert im.size == (2 * 272 + 2, 272)
-    # the MAFL colours are drawn: the pure left-eye red must appear
-    assert (np.asarray(im.convert("RGB")) == preview.MAFL_COLOURS[0]).all(-1).any()
+    assert im.size == (2 * 272 + 2, 272 + LEGEND_HEIGHT + 4)  # two tiles above the landmark legend
+    # the MAFL colours are drawn: the pure left-eye red must appear, on the tiles and in the legend
+    rgb = np.asarray(im.convert("RGB"))
+    assert (rgb[:272] == LANDMARK_COLOURS[0]).all(-1).any() and (rgb[272:] == LANDMARK_COLOURS[0]).all(-1).any()
 
 
 def test_preview_cli_describes_every_flag_and_writes_relative_to_the_caller(tmp_path, monkeypatch, capsys):

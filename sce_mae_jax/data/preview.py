@@ -3,7 +3,8 @@
     python -m sce_mae_jax.data.preview --data=synthetic --split=train --out=/tmp/grid.png [--n=16]
 
 Each tile shows the full 136-px protocol frame (2x enlarged), the 96-px model crop as a grey rectangle, the 68
-iBUG points (when the source has them) as small white dots and the 5 MAFL points in distinct colours, so that a
+iBUG points (when the source has them) as small white dots and the 5 MAFL points in the colours every figure
+uses for them (figures.LANDMARK_COLOURS, named in the legend below the grid), so that a
 left/right swap or an off-by-one coordinate convention is visible at a glance.
 """
 
@@ -17,8 +18,8 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
-# left eye, right eye, nose tip, left mouth corner, right mouth corner
-MAFL_COLOURS = [(255, 40, 40), (40, 120, 255), (40, 230, 40), (255, 220, 0), (230, 40, 230)]
+from sce_mae_jax.figures import LANDMARK_COLOURS, LEGEND_HEIGHT, draw_landmark_legend
+
 _ZOOM = 2
 
 
@@ -53,7 +54,7 @@ def draw_tile(item: dict[str, np.ndarray]) -> Image.Image:
         for p in np.asarray(item["landmarks68"]):
             x, y = centre(p)
             d.ellipse([x - 1, y - 1, x + 1, y + 1], fill=(255, 255, 255))
-    for p, col in zip(np.asarray(item["landmarks"]), MAFL_COLOURS):
+    for p, col in zip(np.asarray(item["landmarks"]), LANDMARK_COLOURS):
         x, y = centre(p)
         d.ellipse([x - 3, y - 3, x + 3, y + 3], outline=(0, 0, 0), fill=col)
     return tile
@@ -64,9 +65,11 @@ def make_grid(source: Any, indices: Sequence[int], cols: int | None = None) -> I
     cols = cols or int(math.ceil(math.sqrt(len(tiles))))
     rows = int(math.ceil(len(tiles) / cols))
     tw, th = tiles[0].size
-    grid = Image.new("RGB", (cols * tw + (cols - 1) * 2, rows * th + (rows - 1) * 2), (0, 0, 0))
+    height = rows * th + (rows - 1) * 2
+    grid = Image.new("RGB", (max(cols * tw + (cols - 1) * 2, 420), height + LEGEND_HEIGHT + 4), (0, 0, 0))
     for k, t in enumerate(tiles):
         grid.paste(t, ((k % cols) * (tw + 2), (k // cols) * (th + 2)))
+    draw_landmark_legend(ImageDraw.Draw(grid), 4, height + 2, text=(255, 255, 255))
     return grid
 
 
