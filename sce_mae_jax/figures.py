@@ -65,3 +65,46 @@ def save_cluster_png(path: str, images_uint8, cluster_id, patch: int, scale: int
     grid = np.clip(np.concatenate([top, bottom], axis=0), 0, 255).astype(np.uint8)
     _save(path, np.asarray(Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale),
                                                         Image.NEAREST)))
+
+
+def read_losses(metrics_jsonl: str) -> tuple[np.ndarray, np.ndarray]:
+    """(steps, losses) of a training workdir's metrics.jsonl; a resumed run's re-logged steps keep the last."""
+    import json
+    by_step = {}
+    for line in fileio.read_text(metrics_jsonl).splitlines():
+        rec = json.loads(line) if line.strip() else {}
+        if 'loss' in rec and 'step' in rec:
+            by_step[int(rec['step'])] = float(rec['loss'])
+    steps = np.array(sorted(by_step))
+    return steps, np.array([by_step[s] for s in steps], np.float64)
+
+
+def save_loss_curve_png(path: str, title: str, steps, losses, size=(360, 200)) -> None:
+    """The training loss against the step, with the axes' ranges written on them (PIL only: no plotting
+    library is a dependency)."""
+    w, h = size
+    left, right, top, bottom = 52, 10, 20, 28
+    img = Image.new('RGB', (w, h), (255, 255, 255))
+    d = ImageDraw.Draw(img)
+    d.text((left, 4), title, fill=(0, 0, 0))
+    x0, y0, x1, y1 = left, top, w - right, h - bottom
+    d.rectangle([x0, y0, x1, y1], outline=(120, 120, 120))
+    steps, losses = np.asarray(steps, np.float64), np.asarray(losses, np.float64)
+    finite = np.isfinite(losses)
+    if finite.any():
+        lo, hi = losses[finite].min(), losses[finite].max()
+        s_lo, s_hi = steps.min(), steps.max()
+        xs = x0 + (steps - s_lo) / max(s_hi - s_lo, 1) * (x1 - x0)
+        ys = y1 - (losses - lo) / max(hi - lo, 1e-12) * (y1 - y0)
+        pts = [(float(x), float(y)) for x, y, ok in zip(xs, ys, finite) if ok]
+        if len(pts) > 1:
+            d.line(pts, fill=(0, 90, 200), width=2)
+        else:
+            d.ellipse([pts[0][0] - 2, pts[0][1] - 2, pts[0][0] + 2, pts[0][1] + 2], fill=(0, 90, 200))
+        d.text((2, y0 - 4), f'{hi:.3g}', fill=(0, 0, 0))
+        d.text((2, y1 - 8), f'{lo:.3g}', fill=(0, 0, 0))
+        d.text((2, (y0 + y1) // 2 - 5), 'loss', fill=(0, 0, 0))
+        d.text((x0, y1 + 3), f'{int(s_lo)}', fill=(0, 0, 0))
+        d.text((x1 - int(d.textlength(f'{int(s_hi)}')), y1 + 3), f'{int(s_hi)}', fill=(0, 0, 0))
+        d.text(((x0 + x1) // 2 - 12, y1 + 14), 'step', fill=(0, 0, 0))
+    _save(path, np.asarray(img))

@@ -59,3 +59,30 @@ def test_tsne_has_a_legend(tmp_path, texts):
     img = np.asarray(Image.open(tmp_path / 't.png').convert('RGB'))
     legend = img[-figures.LEGEND_HEIGHT:]
     assert all((legend == c).all(-1).any() for c in figures.LANDMARK_COLOURS)
+
+
+def test_report_shows_loss_curves_and_links_the_training_figures(tmp_path):
+    import json
+    import types
+
+    from sce_mae_jax.evals import report
+    stage1, stage2, ev = tmp_path / 's1', tmp_path / 's2', tmp_path / 'ev'
+    for d, prefix in ((stage1, 'recon'), (stage2, 'clusters')):
+        (d / 'figures').mkdir(parents=True)
+        recs = [{'step': s, 'loss': 1.0 / s} for s in range(1, 21)] + [{'step': 20, 'loss': 0.04}]  # resumed
+        (d / 'metrics.jsonl').write_text('\n'.join(json.dumps(r) for r in recs) + '\n')
+        for step in (10, 20):
+            Image.new('RGB', (4, 4)).save(d / 'figures' / f'{prefix}_{step:07d}.png')
+    rows = [types.SimpleNamespace(name='random_init', kind='backbone', source='seed 0'),
+            types.SimpleNamespace(name='mae', kind='backbone', source=str(stage1)),
+            types.SimpleNamespace(name='sce_mae', kind='projected', source=str(stage2))]
+    figs = plots.training_figures(str(ev), rows)
+    paths = [p for _, p in figs]
+    assert paths == ['figures/loss_mae.png', '../s1/figures/recon_0000020.png',
+                     'figures/loss_sce_mae.png', '../s2/figures/clusters_0000020.png'], figs
+    assert (ev / 'figures' / 'loss_mae.png').stat().st_size > 500
+    steps, losses = figures.read_losses(str(stage1 / 'metrics.jsonl'))
+    assert list(steps) == list(range(1, 21)) and losses[-1] == 0.04
+    text = report.render({'meta': {'matching': {'figures': figs}}})
+    for title, path in figs:
+        assert f'![{title}]({path})' in text

@@ -197,6 +197,7 @@ def run(config, workdir: str) -> dict:
                      table[row.name].get("diff", -1))
     figs, silhouette = plots.matching_figures(workdir, pairs, rows, fns, config.figures, mesh) if \
         config.figures.pairs > 0 else ([], {})
+    figs += plots.training_figures(workdir, rows)
     n = min(int(config.premise.images), n_pairs)
     premise = {r.name: attentive.premise(encoder, r.backbone, pairs["tgt_images"][:n], pairs["tgt_landmarks"][:n],
                                          config.premise.eta) for r in rows if r.kind == "backbone" and n}

@@ -185,6 +185,42 @@ def silhouette(desc: np.ndarray, runs: int) -> tuple[list[float], np.ndarray, np
     return [float(np.mean(scores)), float(np.std(scores))], first, labels
 
 
+def training_figures(workdir: str, rows) -> list[tuple[str, str]]:
+    """For each row trained in a workdir (stage 1 for `mae`, stage 2 for the projector rows): its loss curve from
+    metrics.jsonl, drawn into `workdir/figures/loss_ROW.png`, and the last reconstruction (stage 1) or cluster
+    (stage 2) figure that training wrote, linked where it is. → [(title, path relative to workdir)]."""
+    from sce_mae_jax import figures
+
+    out = []
+    if jax.process_index() != 0:
+        return out
+    for row in rows:
+        if row.kind not in ('backbone', 'projected') or not row.source:
+            continue
+        metrics = os.path.join(row.source, 'metrics.jsonl')
+        if not fileio.exists(metrics):
+            continue
+        stage = 'stage 1 (MAE)' if row.kind == 'backbone' else 'stage 2 (CARB)'
+        steps, losses = figures.read_losses(metrics)
+        if len(steps):
+            fileio.makedirs(os.path.join(workdir, 'figures'))
+            name = f'figures/loss_{row.name}.png'
+            figures.save_loss_curve_png(os.path.join(workdir, name), f'{row.name}: {stage} training loss', steps,
+                                        losses)
+            out.append((f'Training loss of `{row.name}`, {stage}, from {metrics}', name))
+        prefix = 'recon_' if row.kind == 'backbone' else 'clusters_'
+        fig_dir = os.path.join(row.source, 'figures')
+        shown = sorted(f for f in (fileio.listdir(fig_dir) if fileio.isdir(fig_dir) else [])
+                       if f.startswith(prefix) and f.endswith('.png'))
+        if shown:
+            what = ('MAE reconstructions (original / masked / reconstructed)' if row.kind == 'backbone' else
+                    'CARB token split (inattentive clusters tinted, attentive tokens clear)')
+            target = os.path.join(row.source, 'figures', shown[-1])
+            link = target if '://' in target else os.path.relpath(target, workdir)
+            out.append((f'{what} of `{row.name}` at its last figure step ({shown[-1]})', link))
+    return out
+
+
 def matching_figures(workdir: str, pairs: dict, rows, fns: dict, fc, mesh) -> tuple[list, dict]:
     """Writes figures/{matches,similarity,tsne}.png; returns ([(title, relative path)], {row: [mean, std]})."""
     k = min(int(fc.pairs), len(pairs['kind']))
