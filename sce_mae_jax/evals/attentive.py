@@ -152,6 +152,8 @@ def main(argv):
     from sce_mae_jax.models.mae import encoder_from_model_config
     from sce_mae_jax.train.common import load_params
 
+    from sce_mae_jax import cli
+    cli.quiet_library_logs()  # a restore would bury the table in orbax's INFO lines
     f = flags.FLAGS
     model_config = json.loads(fileio.read_text(os.path.join(f.init_from, 'config.json')))['model']
     encoder = encoder_from_model_config(model_config)
