@@ -42,7 +42,7 @@ def get_config(arg=None):
     s2.figure_every = 50
 
     matching = config_lib.eval_matching(arg)
-    matching.num_images = 400         # 200 same- + 200 different-identity pairs
+    matching.num_images = 400         # 400 images → 400 pairs: 200 same- + 200 different-identity
     matching.batch_size = 20
     matching.figures.tsne_images = 60
     matching.premise.images = 100

@@ -43,7 +43,7 @@ def get_config(arg=None):
     s2.figure_every = 250
 
     matching = config_lib.eval_matching(arg)
-    matching.num_images = 1000        # the paper's 1,000 images: 500 same- + 500 different-identity pairs
+    matching.num_images = 1000        # the paper's 1,000 images → 1,000 pairs: 500 same- + 500 different-identity
     matching.batch_size = 20
     matching.premise.images = 256
 

@@ -19,6 +19,7 @@ while [[ $# -gt 0 && $1 == --* ]]; do
     --account=*) account=${1#*=} ;;
     --time=*) time_limit=${1#*=} ;;
     --venv=*) venv=${1#*=} ;;
+    -h|--help) sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "error: unknown option $1 (see the top of $0)" >&2; exit 2 ;;
   esac
   shift
@@ -29,6 +30,11 @@ fi
 config=$1 workdir=$2
 shift 2
 root=$(cd "$(dirname "$0")/.." && pwd)
+if [[ -n $venv && ! -f $venv/bin/activate ]]; then
+  # checked here too, as the nodes mount the same filesystem: a wrong path fails now, not after the queue wait
+  msg="--venv=$venv has no bin/activate on this host"
+  if [[ -n $dry ]]; then echo "warning: $msg" >&2; else echo "error: $msg" >&2; exit 2; fi
+fi
 script="$workdir/slurm/job.sbatch"
 
 sbatch_script() {
@@ -43,7 +49,11 @@ sbatch_script() {
   [[ -n $account ]] && echo "#SBATCH --account=$account"
   echo 'set -euo pipefail'
   echo "cd $(quote "$root")"
-  [[ -n $venv ]] && echo "source $(quote "$venv")/bin/activate"
+  if [[ -n $venv ]]; then
+    # a node that does not mount the venv stops here with its path, not in srun with a missing module
+    echo "[[ -f $(quote "$venv/bin/activate") ]] || { echo $(quote "error: no venv at $venv (--venv)") >&2; exit 1; }"
+    echo "source $(quote "$venv")/bin/activate"
+  fi
   echo "srun python -m sce_mae_jax.main --distributed $(quote --config="$config" --workdir="$workdir" "$@")"
 }
 

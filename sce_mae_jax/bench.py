@@ -4,10 +4,10 @@
     python -m sce_mae_jax.bench --config=configs/mae_deit_s.py --config.batch_size=64 --steps=20
     python -m sce_mae_jax.bench --config=configs/carb_deit_s.py --steps=20
     # synthetic-face generator and stage-1 input pipeline images/s on this host
-    python -m sce_mae_jax.bench --config=configs/mae_deit_s.py --mode=data
+    python -m sce_mae_jax.bench --config=configs/mae_deit_s.py --config.batch_size=64 --mode=data
     # per-core images/s of each input stage (render, read, decode, crop/resize, flip, batch), rendered and
     # prepared faces, and the cores a step rate needs; --input_data_dir=DIR times a prepared real dataset
-    python -m sce_mae_jax.bench --config=configs/mae_deit_s.py --mode=input
+    python -m sce_mae_jax.bench --config=configs/mae_deit_s.py --config.batch_size=64 --mode=input
     # stage-2 loss: selective (attentive + centres) vs full correspondence, FLOPs / memory / time
     python -m sce_mae_jax.bench --config=configs/carb_deit_s.py --mode=loss
     # bare fp32 matmul GFLOP/s at the MAE step's shapes: the ceiling any implementation has on this device
@@ -36,19 +36,31 @@ from ml_collections import config_flags
 
 from sce_mae_jax import flops
 
-config_flags.DEFINE_config_file('config', None, 'A training config (configs/*.py[:arg]).', lock_config=True)
-flags.DEFINE_enum('mode', 'step', ['step', 'data', 'input', 'loss', 'matmul', 'features'], 'What to measure.')
-flags.DEFINE_string('input_data_dir', '', 'With --mode=input: where config.data is prepared as array_record; '
-                    "'' = prepare --input_images synthetic faces in a temporary folder.")
-flags.DEFINE_integer('input_images', 300, 'With --mode=input: images timed per stage.')
-flags.DEFINE_list('input_workers', ['0', '2'], 'With --mode=input: grain worker processes of the end-to-end runs.')
-flags.DEFINE_float('input_target', 5763.0, 'With --mode=input: the step rate (images/s) the input must feed; '
-                   "the default is the issue's H100 DeiT-S bf16 batch-512 step.")
-flags.DEFINE_list('strides', ['8', '4', '2'], 'With --mode=features: the cover-and-stride strides to time.')
-flags.DEFINE_integer('steps', 20, 'Timed steps (after warm-up).')
-flags.DEFINE_integer('warmup', 3, 'Untimed steps after compilation.')
-flags.DEFINE_float('peak_tflops', 0.0, 'Peak TFLOP/s of one device to report MFU against, overriding the '
-                   'datasheet table (flops.PEAKS); needed for device kinds not in it, e.g. CPUs.')
+
+def define_flags(flag_values: flags.FlagValues, sys_argv: Sequence[str] | None = None) -> None:
+    """The benchmark's flags on `flag_values`; `--config.x=y` overrides are taken from `sys_argv` (default
+    sys.argv), as ml_collections defines one flag per override it finds there."""
+    fv = dict(flag_values=flag_values)
+    config_flags.DEFINE_config_file('config', None, 'A training config (configs/*.py[:arg]).', lock_config=True,
+                                    sys_argv=sys_argv, **fv)
+    flags.DEFINE_enum('mode', 'step', ['step', 'data', 'input', 'loss', 'matmul', 'features'], 'What to measure.',
+                      **fv)
+    flags.DEFINE_string('input_data_dir', '', 'With --mode=input: where config.data is prepared as array_record; '
+                        "'' = prepare --input_images synthetic faces in a temporary folder.", **fv)
+    flags.DEFINE_integer('input_images', 300, 'With --mode=input: images timed per stage.', **fv)
+    flags.DEFINE_list('input_workers', ['0', '2'], 'With --mode=input or --mode=data: grain worker processes of '
+                      'the end-to-end pipeline runs.', **fv)
+    flags.DEFINE_float('input_target', 5763.0, 'With --mode=input: the step rate (images/s) the input must feed; '
+                       "the default is the issue's H100 DeiT-S bf16 batch-512 step.", **fv)
+    flags.DEFINE_list('strides', ['8', '4', '2'], 'With --mode=features: the cover-and-stride strides to time.',
+                      **fv)
+    flags.DEFINE_integer('steps', 20, 'Timed steps (after warm-up).', **fv)
+    flags.DEFINE_integer('warmup', 3, 'Untimed steps after compilation.', **fv)
+    flags.DEFINE_float('peak_tflops', 0.0, 'Peak TFLOP/s of one device to report MFU against, overriding the '
+                       'datasheet table (flops.PEAKS); needed for device kinds not in it, e.g. CPUs.', **fv)
+
+
+define_flags(flags.FLAGS)
 FLAGS = flags.FLAGS
 
 
@@ -89,7 +101,7 @@ def mfu_line(model_flops_per_image: float, images_per_s: float, dtype: str, peak
 
 
 def build_step(config):
-    """(jitted step, state, extra args, batch) for the config's job, on random input."""
+    """(jitted step, state, the step's other arguments) for the config's job, on random input."""
     from sce_mae_jax.train import carb as carb_train, common, pretrain
 
     mesh = common.make_mesh()
@@ -100,12 +112,16 @@ def build_step(config):
     batch = common.global_batch({'image': images}, data_sh)
     if config.job == 'pretrain':
         *_, state, _, step = pretrain.state_and_step(config, mesh, 10**6)
-        return step, state, (), batch
+        return step, state, (batch,)
     if config.job == 'carb':
         carb_train.validate(config)
+        split = config.carb.get('split', 'cls')
+        if split in ('cls_debiased', 'recon'):  # their split inputs come from a stage-1 workdir (prepare_split)
+            raise ValueError(f'no step benchmark for carb.split={split}: it reads a stage-1 workdir; time the '
+                             'default split (the step differs only in how the attentive tokens are scored)')
         encoder, _, state, _, step = carb_train.state_and_step(config, mesh, 10**6)
         backbone = jax.jit(encoder.init, out_shardings=repl)(jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3)))
-        return step, state, (backbone['params'],), batch
+        return step, state, (backbone['params'], batch, {})
     raise ValueError(f'no benchmark for job {config.job!r}')
 
 
@@ -113,18 +129,18 @@ def bench_step(config, steps: int, warmup: int, peak_override: float = 0.0) -> d
     """Times the compiled train step; prints device, dtype, batch, step time, images/s, MFU and peak memory."""
     if steps < 1 or warmup < 0:
         raise ValueError(f'need steps >= 1 and warmup >= 0, got steps={steps} warmup={warmup}')
-    step, state, extra, batch = build_step(config)
+    step, state, args = build_step(config)
     t0 = time.perf_counter()
-    compiled = step.lower(state, *extra, batch).compile()
+    compiled = step.lower(state, *args).compile()
     print(f'compile: {time.perf_counter() - t0:.1f} s')
     mem = compiled.memory_analysis()
     temp = f', XLA temp buffers {mem.temp_size_in_bytes / 2**30:.2f} GiB' if mem is not None else ''
     for _ in range(warmup):
-        state, metrics = compiled(state, *extra, batch)
+        state, metrics = compiled(state, *args)
     jax.block_until_ready(state)
     t0 = time.perf_counter()
     for _ in range(steps):
-        state, metrics = compiled(state, *extra, batch)
+        state, metrics = compiled(state, *args)
     jax.block_until_ready((state, metrics))
     dt = (time.perf_counter() - t0) / steps
     ips = config.batch_size / dt
@@ -141,7 +157,9 @@ def bench_step(config, steps: int, warmup: int, peak_override: float = 0.0) -> d
     return {'step_s': dt, 'images_per_s': ips, 'loss': float(metrics['loss'])}
 
 
-def bench_data(config) -> None:
+def bench_data(config, workers: Sequence[int] = (0, 2)) -> dict:
+    """images/s of the synthetic generator alone, then of the stage-1 grain pipeline at `config.batch_size`
+    with each number of `workers` processes."""
     from sce_mae_jax.data import pipeline
     from sce_mae_jax.data.synthetic import SyntheticFaces
 
@@ -153,18 +171,14 @@ def bench_data(config) -> None:
         src[i]
     gen = n / (time.perf_counter() - t0)
     print(f'synthetic generator (136 px, one thread): {gen:.0f} images/s')
-    for workers in (0, 2):
-        it = pipeline.train_iterator(src, global_batch=64, seed=0, num_workers=workers,
-                                     transform=pipeline.pretrain_augment(config.model.image_size))
-        next(it)
-        t0 = time.perf_counter()
-        batches = 60  # long enough that batches prefetched before the clock starts do not count much
-        for _ in range(batches):
-            next(it)
-        rate = batches * 64 / (time.perf_counter() - t0)
-        print(f'stage-1 pipeline (generate + random resized crop + flip, batch 64, {workers} worker processes): '
-              f'{rate:.0f} images/s')
+    rates = {'generator': gen}
+    for w in workers:
+        # 60 batches: long enough that batches prefetched before the clock starts do not count much
+        rates[w] = _pipeline_rate(src, config, w, batches=60)
+        print(f'stage-1 pipeline (generate + random resized crop + flip, batch {config.batch_size}, {w} worker '
+              f'processes): {rates[w]:.0f} images/s')
     print(f'machine: {_machine()}')
+    return rates
 
 
 def _rate(fn, items) -> float:
@@ -176,8 +190,9 @@ def _rate(fn, items) -> float:
     return len(items) / (time.perf_counter() - t0)
 
 
-def _pipeline_rate(source, config, workers: int, batch: int = 64, batches: int = 40) -> float:
+def _pipeline_rate(source, config, workers: int, batches: int = 40) -> float:
     from sce_mae_jax.data import pipeline
+    batch = config.batch_size
     it = pipeline.train_iterator(source, global_batch=batch, seed=0, num_workers=workers,
                                  transform=pipeline.pretrain_augment(config.model.image_size,
                                                                      config.input.crop_scale, config.input.flip))
@@ -191,7 +206,8 @@ def _pipeline_rate(source, config, workers: int, batch: int = 64, batches: int =
 def bench_input(config, data_dir: str, n: int, workers: Sequence[int], target: float) -> dict:
     """Per-core images/s of each stage of the stage-1 input, one thread in this process, then the grain pipeline
     end to end. The prepared array_record set is `config.data`/`config.split` in `data_dir`; without one,
-    `n` synthetic faces are prepared into a temporary folder (`prepare --dataset=synthetic`)."""
+    `n` synthetic faces are prepared into a temporary folder (`prepare --dataset=synthetic`). The end-to-end runs
+    batch `config.batch_size` images."""
     import tempfile
 
     from sce_mae_jax.data import pipeline, sources
@@ -205,7 +221,7 @@ def bench_input(config, data_dir: str, n: int, workers: Sequence[int], target: f
     tmp = None
     if not data_dir:
         tmp = data_dir = tempfile.mkdtemp(prefix='bench_input_')
-        sources.prepare_synthetic('synthetic', data_dir=data_dir, seed=config.data_seed, num_examples=max(n, 256))
+        sources.prepare_synthetic('synthetic', data_dir=data_dir, seed=config.data_seed, num_examples=n)
         name, split = 'synthetic', 'pretrain'
     else:
         name, split = config.data, config.get('split', 'pretrain')
@@ -218,13 +234,13 @@ def bench_input(config, data_dir: str, n: int, workers: Sequence[int], target: f
         rates['read (array_record, one record)'] = _rate(lambda i: records.data_source[i], order)
     rates['read + decode (record → uint8 136 px)'] = _rate(lambda i: stored[i], order)
 
-    images = [rendered[i]['image'] for i in range(1, 65)]
+    images = [rendered[i]['image'] for i in range(1, min(n, 64) + 1)]
     crop_rng = np.random.default_rng(1)
     rates[f'random resized crop + bicubic resize to {size}'] = _rate(
         lambda im: pipeline.random_resized_crop(im, size, crop_rng, scale=tuple(config.input.crop_scale)), images)
     small = [np.ascontiguousarray(im[:size, :size]) for im in images]
     rates['flip (always; the pipeline flips half)'] = _rate(lambda im: np.ascontiguousarray(im[:, ::-1]), small)
-    rates['batch (np.stack of 64)'] = 64 * _rate(lambda _: np.stack(small), list(range(20)))
+    rates[f'batch (np.stack of {len(small)})'] = len(small) * _rate(lambda _: np.stack(small), list(range(20)))
 
     print(f'input stages, one thread: {_machine()}, {len(stored)} prepared {name}/{split} records in {data_dir}')
     for what, rate in rates.items():
@@ -308,7 +324,7 @@ def bench_matmul(config) -> None:
         print(f'({rows}x{k}) @ ({k}x{n}): {2 * rows * k * n / dt / 1e9:.0f} GFLOP/s')
 
 
-def bench_features(config) -> None:
+def bench_features(config, strides: Sequence[int] = (8, 4, 2), steps: int = 20) -> None:
     """The evaluation's descriptor maps (evals/features.py) on random images, jitted over the mesh with the batch
     on `data`: stage-1 map at each stride, then (as in matching) bilinear to the image size and the projector."""
     from sce_mae_jax.evals import features
@@ -329,36 +345,51 @@ def bench_features(config) -> None:
                                                               dtype=np.uint8), data_sh)
     print(f'features: {_machine()}, batch {config.batch_size}, dtype {config.model.get("dtype", "float32")}, '
           f'DeiT {encoder.embed_dim}-d x {encoder.depth}, projector {projector.out_dim}-d')
-    for stride in map(int, FLAGS.strides):
+    for stride in strides:
         for name, kw in (('stage 1', {}), ('stage 1 → 96 px → projector', {'projector': projector, 'size': size})):
             fn = jax.jit(functools.partial(features.dense_features, encoder=encoder, stride=stride, **kw),
                          in_shardings=(repl, repl, data_sh), out_shardings=data_sh)
             fn(backbone, proj, images).block_until_ready()
             t0 = time.perf_counter()
-            for _ in range(FLAGS.steps):
+            for _ in range(steps):
                 out = fn(backbone, proj, images)
             out.block_until_ready()
-            dt = (time.perf_counter() - t0) / FLAGS.steps
+            dt = (time.perf_counter() - t0) / steps
             print(f'stride {stride} ({(encoder.patch_size // stride) ** 2} passes), {name}: map {out.shape[1:]}, '
                   f'{config.batch_size / dt:.1f} images/s, {peak_memory()}')
 
 
+def dispatch(fv: flags.FlagValues):
+    """Runs the benchmark that parsed flags `fv` ask for."""
+    config = fv.config
+    workers = [int(w) for w in fv.input_workers]
+    if fv.mode == 'features':
+        return bench_features(config, [int(s) for s in fv.strides], fv.steps)
+    if fv.mode == 'data':
+        return bench_data(config, workers)
+    if fv.mode == 'input':
+        return bench_input(config, fv.input_data_dir, fv.input_images, workers, fv.input_target)
+    if fv.mode == 'loss':
+        return bench_loss(config)
+    if fv.mode == 'matmul':
+        return bench_matmul(config)
+    return bench_step(config, fv.steps, fv.warmup, fv.peak_tflops)
+
+
+def run(argv: Sequence[str]):
+    """`python -m sce_mae_jax.bench ARGV[1:]` in this process, on flags of its own (tests run the documented
+    commands this way, sharing one JAX)."""
+    fv = flags.FlagValues()
+    define_flags(fv, argv)
+    fv(list(argv))
+    if fv.config is None:
+        raise ValueError('--config is required')
+    return dispatch(fv)
+
+
 def main(argv):
     del argv
-    config = FLAGS.config
-    if FLAGS.mode == 'features':
-        bench_features(config)
-    elif FLAGS.mode == 'data':
-        bench_data(config)
-    elif FLAGS.mode == 'input':
-        bench_input(config, FLAGS.input_data_dir, FLAGS.input_images, [int(w) for w in FLAGS.input_workers],
-                    FLAGS.input_target)
-    elif FLAGS.mode == 'loss':
-        bench_loss(config)
-    elif FLAGS.mode == 'matmul':
-        bench_matmul(config)
-    else:
-        bench_step(config, FLAGS.steps, FLAGS.warmup, FLAGS.peak_tflops)
+    dispatch(FLAGS)
 
 
 if __name__ == '__main__':

@@ -14,10 +14,28 @@ import os
 import re
 
 import ml_collections
-from absl import flags
+from absl import flags, logging
 from ml_collections import config_flags
 
 from sce_mae_jax.errors import ConfigError
+
+
+class _QuietLibraries:
+    """At the default verbosity, drops orbax's INFO records (dozens per checkpoint save or restore) and its warning
+    that a restore left out the data iterator (loading parameters leaves it out on purpose), so that progress,
+    results and real warnings stay readable; `--verbosity=1` shows them all."""
+
+    def filter(self, record):
+        if logging.get_verbosity() >= 1 or 'orbax' not in record.pathname:
+            return True
+        return record.levelno > 20 and not record.getMessage().startswith('Item "data_iter" was found')
+
+
+def quiet_library_logs() -> None:
+    """Installs the filter on absl's handler, once (jobs call it from their main)."""
+    handler = logging.get_absl_handler()
+    if not any(isinstance(f, _QuietLibraries) for f in handler.filters):
+        handler.addFilter(_QuietLibraries())
 
 
 def problem(argv: list[str]) -> str | None:

@@ -202,7 +202,9 @@ def eval_matching(arg: str | None) -> ml_collections.ConfigDict:
     data_fields(c, a.data)
     c.split = 'match' if a.data.startswith('synthetic') else 'test'  # where the pairs' images come from
     eval_fields(c)
-    c.num_images = 1000      # the first N images, two at a time: N/2 same- and N/2 different-identity pairs
+    # source images read (even): the first N of the split, two at a time (a, b), give N pairs: N/2 same-identity
+    # (a against a warped copy of a) and N/2 different-identity (a against a warped b)
+    c.num_images = 1000
     c.pairs_seed = 0         # the random thin-plate-spline warps of the generated pairs
     c.pairs_file = ''        # an .npz in data/pairs.py's layout (made elsewhere): used instead of generating
     c.pairs_cache = ''       # where generated pairs are stored ('' = ~/.cache/sce_mae_jax/pairs)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import glob
 import os
 import shutil
+import sys
 
 from absl import logging
 
@@ -54,13 +55,39 @@ def log_backend(jax) -> None:
         logging.warning('%s', warning)
 
 
-if __name__ == '__main__':  # `python -m sce_mae_jax.hardware [gpu|tpu]`: what JAX sees; non-zero if not that
-    import sys
+USAGE = """usage: python -m sce_mae_jax.hardware [gpu|tpu|cpu]
 
+Prints the JAX backend, device kind and count. With a backend name, exits non-zero (saying why and what to
+install) unless JAX runs on that backend."""
+
+
+def check(want: str | None, backend: str, accelerators: dict[str, str], jax_platforms: str | None) -> str | None:
+    """The error for `python -m sce_mae_jax.hardware WANT` when JAX runs on `backend`, else None."""
+    if not want or backend == want:
+        return None
+    problem = f'error: expected the {want} backend, JAX has {backend}: '
+    if want in ('gpu', 'tpu') and want not in accelerators:
+        # nothing to install: the host shows no such device (no device file, no vendor tool)
+        return problem + f'this host shows no {want.upper()} (' + (
+            'no /dev/nvidia0, no nvidia-smi)' if want == 'gpu' else 'no /dev/accel*, no /dev/vfio/N)')
+    return problem + (cpu_fallback_warning(backend, accelerators, jax_platforms) or INSTALL.get(want, ''))
+
+
+def main(argv: list[str]) -> int:
+    args = argv[1:]
+    asked = any(a in ('-h', '-help', '--help', '--helpshort', '--helpfull') for a in args)
+    if asked or len(args) > 1 or (args and args[0] not in ('gpu', 'tpu', 'cpu')):
+        print(USAGE, file=sys.stdout if asked else sys.stderr)
+        return 0 if asked else 2
     import jax
     print(describe(jax))
-    want = sys.argv[1] if len(sys.argv) > 1 else None
-    if want and jax.default_backend() != want:
-        warning = cpu_fallback_warning(jax.default_backend(), probe_accelerators(), os.environ.get('JAX_PLATFORMS'))
-        sys.exit(f'error: expected the {want} backend, JAX has {jax.default_backend()}: '
-                 f'{warning or INSTALL.get(want, "")}')
+    message = check(args[0] if args else None, jax.default_backend(), probe_accelerators(),
+                    os.environ.get('JAX_PLATFORMS'))
+    if message:
+        print(message, file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main(sys.argv))

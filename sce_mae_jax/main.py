@@ -30,17 +30,10 @@ def user_errors() -> tuple[type, ...]:
     return ConfigError, DatasetError
 
 
-class _QuietLibraries:
-    """Drops INFO records from orbax (dozens per checkpoint), keeping its warnings and ours."""
-
-    def filter(self, record):
-        return record.levelno > 20 or 'orbax' not in record.pathname
-
-
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-    logging.get_absl_handler().addFilter(_QuietLibraries())
+    cli.quiet_library_logs()
     import jax
     if FLAGS.coordinator_address:
         jax.distributed.initialize(FLAGS.coordinator_address, num_processes=FLAGS.num_processes,
@@ -51,8 +44,9 @@ def main(argv):
     hardware.log_backend(jax)  # and a warning when a GPU/TPU host runs on the CPU backend
     config = FLAGS.config  # checked by parse_flags: a known job, datasets and splits
     job = config.job
-    logging.info('job %s on %d devices, %d processes; config:\n%s', job, jax.device_count(), jax.process_count(),
-                 config)
+    logging.info('job %s on %d devices, %d processes (the config: WORKDIR/config.json, or --verbosity=1)', job,
+                 jax.device_count(), jax.process_count())
+    logging.vlog(1, 'config:\n%s', config)
     from sce_mae_jax import fileio
     new_workdir = not fileio.exists(FLAGS.workdir)
     try:

@@ -2,6 +2,7 @@
 import jax.numpy as jnp
 import numpy as np
 
+from sce_mae_jax.evals import attentive
 from sce_mae_jax.evals.attentive import attentive_coverage, landmark_recall, landmark_tokens, position_concentration
 
 
@@ -31,3 +32,10 @@ def test_landmark_recall():
     on = np.array([[True, True, False, False], [False, True, True, False]])
     att = np.array([[True, False, True, False], [False, True, True, False]])
     assert landmark_recall(att, on) == 3 / 4
+
+
+def test_printed_line_says_which_landmarks_chance_counts():
+    v = {'coverage': 0.25, 'chance': 0.304, 'recall': 0.4, 'concentration': 0.5}
+    line = attentive.summary(v, covered=68, recalled=5)
+    assert 'hold one of the 68 landmarks (chance 30.4%: the share of all tokens that hold one)' in line
+    assert "40% of the 5 landmarks' cells attentive" in line

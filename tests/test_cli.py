@@ -65,3 +65,30 @@ def test_main_exits_nonzero_with_one_line(tmp_path, config, says):
     assert proc.returncode != 0
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and says in proc.stderr, proc.stderr
     assert not os.listdir(tmp_path)  # nothing was started
+
+
+def test_library_chatter_is_shown_only_at_verbosity_1():
+    import logging as std_logging
+
+    from absl import logging
+
+    def record(path, level, msg):
+        return std_logging.LogRecord('absl', level, path, 1, msg, None, None)
+
+    orbax = '/site-packages/orbax/checkpoint/_src/handlers/composite_checkpoint_handler.py'
+    records = {'orbax info': record(orbax, std_logging.INFO, 'saving step 1'),
+               'data_iter warning': record(orbax, std_logging.WARNING, 'Item "data_iter" was found in the checkpoint'),
+               'orbax warning': record(orbax, std_logging.WARNING, 'something went wrong'),
+               'ours': record('/repo/sce_mae_jax/train/common.py', std_logging.INFO, 'step 2: loss=1.0')}
+    quiet = cli._QuietLibraries()
+    before = logging.get_verbosity()
+    try:
+        logging.set_verbosity(0)
+        assert {k for k, r in records.items() if quiet.filter(r)} == {'orbax warning', 'ours'}
+        logging.set_verbosity(1)
+        assert all(quiet.filter(r) for r in records.values())
+    finally:
+        logging.set_verbosity(before)
+    cli.quiet_library_logs()
+    cli.quiet_library_logs()
+    assert sum(isinstance(f, cli._QuietLibraries) for f in logging.get_absl_handler().filters) == 1

@@ -95,3 +95,15 @@ def test_reproducing_commands_are_valid_command_lines(where, args):
         assert cli.problem(['main', *args]) is None, (where, args, cli.problem(['main', *args]))
     finally:
         os.chdir(cwd)
+
+
+def test_readme_job_table_names_every_config():
+    readme = open(os.path.join(REPO, 'README.md')).read()
+    table = readme.split('## Jobs', 1)[1].split('```', 1)[0]
+    named = set()
+    for m in re.finditer(r'`configs/([\w{},]+)\.py`', table):
+        stem = m.group(1)
+        braces = re.search(r'\{([\w,]+)\}', stem)
+        named |= ({stem.replace(braces.group(0), v) for v in braces.group(1).split(',')} if braces else {stem})
+    configs = {os.path.basename(p)[:-3] for p in glob.glob(os.path.join(REPO, 'configs', '*.py'))}
+    assert configs - named == set(), configs - named

@@ -34,3 +34,21 @@ def test_describe_names_backend_kind_and_counts():
     line = hardware.describe(jax)
     assert line.startswith(f'backend {jax.default_backend()}: {jax.device_count()} × ')
     assert jax.devices()[0].device_kind in line and '1 process' in line
+
+
+def test_check_says_no_gpu_when_the_host_has_none():
+    msg = hardware.check('gpu', 'cpu', {}, None)
+    assert 'shows no GPU' in msg and 'pip' not in msg                      # nothing to install would help
+    assert '.[cuda]' in hardware.check('gpu', 'cpu', {'gpu': '/dev/nvidia0'}, None)  # a CPU-only JAX on a GPU host
+    assert 'shows no TPU' in hardware.check('tpu', 'cpu', {'gpu': '/dev/nvidia0'}, None)
+    assert hardware.check('gpu', 'gpu', {'gpu': '/dev/nvidia0'}, None) is None
+    assert hardware.check(None, 'cpu', {}, None) is None
+
+
+def test_cli_help_and_bad_arguments(capsys):
+    assert hardware.main(['hardware', '--help']) == 0
+    assert 'usage: python -m sce_mae_jax.hardware [gpu|tpu|cpu]' in capsys.readouterr().out
+    assert hardware.main(['hardware', 'gpus']) == 2                        # a typo is not a backend name
+    assert 'usage:' in capsys.readouterr().err
+    assert hardware.main(['hardware', jax.default_backend()]) == 0
+    assert hardware.describe(jax) in capsys.readouterr().out

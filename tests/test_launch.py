@@ -98,3 +98,36 @@ def test_local_processes_starts_n_processes_at_one_coordinator():
     for i, line in enumerate(lines):
         assert f'--process_id={i}' in line and '--num_processes=3' in line
         assert 'XLA_FLAGS=--xla_force_host_platform_device_count=2' in line and line.endswith('--workdir=/tmp/m')
+
+
+def test_slurm_checks_the_venv(tmp_path):
+    args = ['--venv=/nonexistent/venv', 'configs/quickstart.py', str(tmp_path / 'w')]
+    proc = subprocess.run(['bash', os.path.join(REPO, 'launch', 'slurm.sh'), '--dry_run', *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and 'warning: --venv=/nonexistent/venv has no bin/activate' in proc.stderr
+    # the job itself stops with the path on a node that lacks it, before srun
+    check = [line for line in proc.stdout.splitlines() if line.startswith('[[ -f /nonexistent/venv/bin/activate')]
+    assert len(check) == 1 and 'exit 1' in check[0]
+    real = subprocess.run(['bash', os.path.join(REPO, 'launch', 'slurm.sh'), *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=60)
+    assert real.returncode == 2 and 'error: --venv=/nonexistent/venv has no bin/activate' in real.stderr
+    assert not os.path.exists(tmp_path / 'w')  # refused before writing the sbatch script
+    venv = tmp_path / 'venv'
+    (venv / 'bin').mkdir(parents=True)
+    (venv / 'bin' / 'activate').write_text('')
+    ok = subprocess.run(['bash', os.path.join(REPO, 'launch', 'slurm.sh'), '--dry_run', f'--venv={venv}',
+                         'configs/quickstart.py', '/shared/w'], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert ok.returncode == 0 and 'warning' not in ok.stderr and f'source {venv}/bin/activate' in ok.stdout
+
+
+@pytest.mark.parametrize('script', ['local_processes.sh', 'slurm.sh'])
+def test_help_prints_usage(script):
+    proc = subprocess.run(['bash', os.path.join(REPO, 'launch', script), '--help'], cwd=REPO, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0 and '--dry_run' in proc.stdout and 'CONFIG' in proc.stdout, proc.stderr
+
+
+def test_local_processes_without_counts_says_what_is_missing():
+    proc = subprocess.run(['bash', os.path.join(REPO, 'launch', 'local_processes.sh'), '--dry_run',
+                           '--config=configs/quickstart.py'], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and 'N and D' in proc.stderr and 'unbound' not in proc.stderr, proc.stderr

@@ -63,3 +63,11 @@ def test_bench_input_times_every_stage(data_dir, capsys):
     assert set(out['per_image_s']) == {'rendered', 'prepared'}
     assert len(out['rates']) == 6 and all(r > 0 for r in out['rates'].values())
     assert '1,000 images/s needs' in capsys.readouterr().out
+
+
+def test_an_unprepared_folder_is_not_reported_as_broken(tmp_path, caplog):
+    from sce_mae_jax.data.builders import synthetic as stored
+    builder = stored.builder(0, True, str(tmp_path / 'never_written'))
+    with caplog.at_level('WARNING'):
+        assert not sources.is_prepared(builder)
+    assert 'dataset_info' not in caplog.text  # TFDS warns so for a folder that does not exist

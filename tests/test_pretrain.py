@@ -86,7 +86,10 @@ def test_interrupted_run_resumes_to_identical_losses(tmp_path, tiny_pretrain_arg
         assert code == 0, err[-2000:]
         stopped = max(int(d) for d in os.listdir(tmp_path / 'resumed' / 'checkpoints') if d.isdigit())
         assert stopped == max(losses(tmp_path / 'resumed')) and stopped < 80
-    run_main([*args, f'--workdir={tmp_path / "resumed"}'])
+    err = run_main([*args, f'--workdir={tmp_path / "resumed"}']).stderr
+    # the default log of a resumed run: progress and results, not orbax's restore chatter or the whole config
+    assert 'step 80:' in err and 'weight_decay: ' not in err and 'WORKDIR/config.json' in err
+    assert [line for line in err.splitlines() if 'orbax' in line or 'checkpoint_handler' in line] == [], err
     straight, resumed = losses(tmp_path / 'straight'), losses(tmp_path / 'resumed')
     assert sorted(resumed) == sorted(straight) == list(range(1, 81))
     np.testing.assert_array_equal([resumed[s] for s in straight], [straight[s] for s in straight])
@@ -110,3 +113,4 @@ def test_checkpoint_from_other_model_size_is_a_clear_error(tmp_path, tiny_pretra
                      '--config.model.embed_dim=64'], check=False)
     assert proc.returncode != 0 and 'does not fit this config' in proc.stderr, proc.stderr[-2000:]
     assert 'Traceback' not in proc.stderr
+

@@ -1,6 +1,7 @@
 """Synthetic faces: contract (shapes, dtypes, determinism, random access), identity structure, and that the
 ground truth sits on the rendered features."""
 
+import os
 import pickle
 
 import numpy as np
@@ -114,13 +115,28 @@ def test_preview_writes_png(tmp_path):
     from PIL import Image
 
     from sce_mae_jax.data import preview
+    from sce_mae_jax.figures import LANDMARK_COLOURS, LEGEND_HEIGHT
 
     out = tmp_path / "grid.png"
     preview.main(["--data=synthetic", "--split=test", f"--out={out}", "--n=2"])
     im = Image.open(out)
-    assert im.size == (2 * 272 + 2, 272)
-    # the MAFL colours are drawn: the pure left-eye red must appear
-    assert (np.asarray(im.convert("RGB")) == preview.MAFL_COLOURS[0]).all(-1).any()
+    assert im.size == (2 * 272 + 2, 272 + LEGEND_HEIGHT + 4)  # two tiles above the landmark legend
+    # the MAFL colours are drawn: the pure left-eye red must appear, on the tiles and in the legend
+    rgb = np.asarray(im.convert("RGB"))
+    assert (rgb[:272] == LANDMARK_COLOURS[0]).all(-1).any() and (rgb[272:] == LANDMARK_COLOURS[0]).all(-1).any()
+
+
+def test_preview_cli_describes_every_flag_and_writes_relative_to_the_caller(tmp_path, monkeypatch, capsys):
+    from sce_mae_jax.data import preview
+
+    text = ' '.join(preview.parser().format_help().split())
+    for action in preview.parser()._actions:
+        assert action.help and action.help.strip(), action.option_strings
+    assert 'a relative path is taken from the current directory' in text
+    monkeypatch.chdir(tmp_path)  # not the checkout: the grid lands where the caller is
+    out = preview.main(["--data=synthetic", "--split=test", "--out=figs/grid.png", "--n=1"])
+    assert out == str(tmp_path / "figs" / "grid.png") and os.path.isfile(out)
+    assert out in capsys.readouterr().out
 
 
 def test_plain_variant_same_faces_without_background_clutter():

@@ -1,9 +1,10 @@
 """Writes a PNG grid of dataset samples with their landmarks drawn, to check data and annotations by eye.
 
-    python -m sce_mae_jax.data.preview --data=synthetic --split=train --out=grid.png [--n=16]
+    python -m sce_mae_jax.data.preview --data=synthetic --split=train --out=/tmp/grid.png [--n=16]
 
 Each tile shows the full 136-px protocol frame (2x enlarged), the 96-px model crop as a grey rectangle, the 68
-iBUG points (when the source has them) as small white dots and the 5 MAFL points in distinct colours, so that a
+iBUG points (when the source has them) as small white dots and the 5 MAFL points in the colours every figure
+uses for them (figures.LANDMARK_COLOURS, named in the legend below the grid), so that a
 left/right swap or an off-by-one coordinate convention is visible at a glance.
 """
 
@@ -11,13 +12,14 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 from typing import Any, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-# left eye, right eye, nose tip, left mouth corner, right mouth corner
-MAFL_COLOURS = [(255, 40, 40), (40, 120, 255), (40, 230, 40), (255, 220, 0), (230, 40, 230)]
+from sce_mae_jax.figures import LANDMARK_COLOURS, LEGEND_HEIGHT, draw_landmark_legend
+
 _ZOOM = 2
 
 
@@ -52,7 +54,7 @@ def draw_tile(item: dict[str, np.ndarray]) -> Image.Image:
         for p in np.asarray(item["landmarks68"]):
             x, y = centre(p)
             d.ellipse([x - 1, y - 1, x + 1, y + 1], fill=(255, 255, 255))
-    for p, col in zip(np.asarray(item["landmarks"]), MAFL_COLOURS):
+    for p, col in zip(np.asarray(item["landmarks"]), LANDMARK_COLOURS):
         x, y = centre(p)
         d.ellipse([x - 3, y - 3, x + 3, y + 3], outline=(0, 0, 0), fill=col)
     return tile
@@ -63,27 +65,40 @@ def make_grid(source: Any, indices: Sequence[int], cols: int | None = None) -> I
     cols = cols or int(math.ceil(math.sqrt(len(tiles))))
     rows = int(math.ceil(len(tiles) / cols))
     tw, th = tiles[0].size
-    grid = Image.new("RGB", (cols * tw + (cols - 1) * 2, rows * th + (rows - 1) * 2), (0, 0, 0))
+    height = rows * th + (rows - 1) * 2
+    grid = Image.new("RGB", (max(cols * tw + (cols - 1) * 2, 420), height + LEGEND_HEIGHT + 4), (0, 0, 0))
     for k, t in enumerate(tiles):
         grid.paste(t, ((k % cols) * (tw + 2), (k // cols) * (th + 2)))
+    draw_landmark_legend(ImageDraw.Draw(grid), 4, height + 2, text=(255, 255, 255))
     return grid
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--data", default="synthetic")
-    ap.add_argument("--split", default="train")
-    ap.add_argument("--out", default="grid.png")
-    ap.add_argument("--n", type=int, default=16)
-    ap.add_argument("--start", type=int, default=0)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--manual_dir", default=None)
-    ap.add_argument("--data_dir", default=None)
-    a = ap.parse_args(argv)
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m sce_mae_jax.data.preview", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", default="synthetic", help="dataset: synthetic, synthetic_plain or a prepared real "
+                    "one (celeba, mafl, aflw_m, aflw_r, aflw_rc, 300w; docs/datasets.md) (default: %(default)s)")
+    ap.add_argument("--split", default="train", help="split to draw from (default: %(default)s)")
+    ap.add_argument("--out", default="grid.png", help="PNG to write; a relative path is taken from the current "
+                    "directory (default: %(default)s)")
+    ap.add_argument("--n", type=int, default=16, help="samples to draw (default: %(default)s)")
+    ap.add_argument("--start", type=int, default=0, help="index of the first sample (default: %(default)s)")
+    ap.add_argument("--seed", type=int, default=0, help="synthetic faces: the generator seed, as "
+                    "--config.data_seed (default: %(default)s)")
+    ap.add_argument("--manual_dir", default=None, help="real data: folder with the raw files (docs/datasets.md)")
+    ap.add_argument("--data_dir", default=None, help="real data: where it is prepared (TFDS data_dir)")
+    return ap
+
+
+def main(argv: Sequence[str] | None = None) -> str:
+    a = parser().parse_args(argv)
+    out = os.path.abspath(a.out)  # the caller's directory, said in full: the grid is easy to find and remove
     src = get_preview_source(a.data, a.split, seed=a.seed, manual_dir=a.manual_dir, data_dir=a.data_dir)
     n = min(a.n, len(src) - a.start)
-    make_grid(src, range(a.start, a.start + n)).save(a.out)
-    print(f"wrote {n} samples of {a.data}/{a.split} to {a.out}")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    make_grid(src, range(a.start, a.start + n)).save(out)
+    print(f"wrote {n} samples of {a.data}/{a.split} to {out}")
+    return out
 
 
 if __name__ == "__main__":

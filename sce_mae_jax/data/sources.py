@@ -68,6 +68,12 @@ def check(name: str, split: str | None = None) -> None:
         raise ConfigError(f'dataset {name!r} has splits {", ".join(splits)}, not {split!r}')
 
 
+def is_prepared(builder) -> bool:
+    """TFDS's check, asked only where the version folder exists: for a folder never written TFDS warns that it
+    lacks a dataset_info.json, which reads as a broken dataset when it is merely not prepared yet."""
+    return builder.data_path.exists() and builder.is_prepared()
+
+
 def get_builder(name: str, data_dir: str | os.PathLike | None = None):
     """The TFDS builder of a real dataset (nothing is read or written)."""
     import importlib  # builders import tensorflow_datasets: keep `synthetic` free of it
@@ -88,7 +94,7 @@ def prepare(name: str, *, manual_dir: str | os.PathLike | None = None,
         DatasetError: not prepared and no manual_dir, or a file of manual_dir missing/malformed.
     """
     builder = get_builder(name, data_dir)
-    if builder.is_prepared():
+    if is_prepared(builder):
         return builder
     if manual_dir is None:
         raise DatasetError(f'dataset {name!r} is not prepared in {builder.data_dir}: pass manual_dir (the '
@@ -162,7 +168,7 @@ def _synthetic_source(split: str, *, seed: int, clutter: bool, placement: str, d
     if data_dir is not None:
         from sce_mae_jax.data.builders import synthetic as stored
         prepared = stored.builder(seed, clutter, os.fspath(data_dir), placement)
-        if prepared.is_prepared():
+        if is_prepared(prepared):
             faces = stored.PreparedFaces(prepared, split)
             if len(faces) != synthetic.DEFAULT_SIZES[split]:  # prepared with --num_examples: epochs change
                 logging.warning('reading %d prepared synthetic %s faces from %s (the generator has %d)',
@@ -178,7 +184,7 @@ def prepare_synthetic(name: str, *, data_dir=None, seed: int = 0, num_examples: 
     from sce_mae_jax.data.builders import synthetic as stored
     clutter, placement = SYNTHETIC_VARIANTS[name]
     builder = stored.builder(seed, clutter, None if data_dir is None else os.fspath(data_dir), placement)
-    if builder.is_prepared():
+    if is_prepared(builder):
         from sce_mae_jax.data import synthetic
         want = {s: n if num_examples is None else min(n, num_examples) for s, n in synthetic.DEFAULT_SIZES.items()}
         have = {s: info.num_examples for s, info in builder.info.splits.items()}

@@ -199,6 +199,7 @@ def run(config, workdir: str) -> dict:
     shown = [r for r in rows if report.SEED_MARK not in r.name]  # seed replicates: numbers only, no figures
     figs, silhouette = plots.matching_figures(workdir, pairs, shown, fns, config.figures, mesh) if \
         config.figures.pairs > 0 else ([], {})
+    figs += plots.training_figures(workdir, rows)
     n = min(int(config.premise.images), n_pairs)
     premise = {r.name: attentive.premise(encoder, r.backbone, pairs["tgt_images"][:n], pairs["tgt_landmarks"][:n],
                                          config.premise.eta) for r in rows if r.kind == "backbone" and n}

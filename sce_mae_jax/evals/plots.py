@@ -18,9 +18,9 @@ from PIL import Image, ImageDraw
 from sce_mae_jax import fileio
 from sce_mae_jax.carb import l2_normalize
 from sce_mae_jax.evals import matching
+from sce_mae_jax.figures import (LANDMARK_COLOURS, LANDMARK_NAMES, LEGEND_HEIGHT, draw_landmark_legend,
+                                 legend_width)
 
-# MAFL order: left eye, right eye, nose, left / right mouth corner (data/preview.py uses the same)
-LANDMARK_COLOURS = [(255, 60, 60), (60, 200, 60), (60, 120, 255), (255, 200, 0), (220, 60, 220)]
 ZOOM = 2
 
 
@@ -66,6 +66,17 @@ def _grid(cells: list[list[Image.Image]], header: list[str], left: list[str]) ->
     return out
 
 
+def _with_legend(img: Image.Image, note: str = '') -> Image.Image:
+    """`img` above a strip holding the landmark colour legend and `note`."""
+    out = Image.new('RGB', (img.width, img.height + LEGEND_HEIGHT + 4), (255, 255, 255))
+    out.paste(img, (0, 0))
+    d = ImageDraw.Draw(out)
+    draw_landmark_legend(d, 4, img.height + 2)
+    if note:
+        d.text((8 + legend_width(d), img.height + 3), note, fill=(0, 0, 0))
+    return out
+
+
 def _draw_points(tile: Image.Image, pts, *, filled: bool, radius: int = 3) -> None:
     d = ImageDraw.Draw(tile)
     for p, col in zip(np.asarray(pts), LANDMARK_COLOURS):
@@ -76,7 +87,8 @@ def _draw_points(tile: Image.Image, pts, *, filled: bool, radius: int = 3) -> No
 
 def matches_png(path: str, pairs: dict, index: np.ndarray, preds: dict[str, np.ndarray]) -> None:
     """One line per pair: the source with its landmarks, then per row the target with the ground truth
-    (rings), the predictions (dots), a line from each prediction to its truth, and the pair's mean error."""
+    (rings), the predictions (dots), a line from each prediction to its truth, and the pair's mean error in the
+    70-px frame (the reported metric's unit)."""
     cells, left = [], []
     for k, p in enumerate(index):
         src = _tile(pairs['src_images'][p])
@@ -91,11 +103,14 @@ def matches_png(path: str, pairs: dict, index: np.ndarray, preds: dict[str, np.n
             _draw_points(t, gt, filled=False)
             _draw_points(t, pred[k], filled=True, radius=2)
             err = float(np.asarray(matching.pixel_errors(pred[k], gt)).mean())
-            d.text((3, 3), f'{err:.1f}', fill=(255, 255, 255))
+            label = f'error {err:.1f} px (70-px frame)'
+            d.rectangle([0, 0, int(d.textlength(label)) + 5, 13], fill=(0, 0, 0))
+            d.text((3, 1), label, fill=(255, 255, 255))
             line.append(t)
         cells.append(line)
         left.append(('same' if pairs['kind'][p] == 0 else 'diff') + f' #{p}')
-    _save(_grid(cells, ['source', *preds], left), path)
+    _save(_with_legend(_grid(cells, ['source', *preds], left),
+                       'rings: truth, dots: predictions, error: mean over the 5 landmarks'), path)
 
 
 def similarity_png(path: str, pairs: dict, p: int, sims: dict[str, np.ndarray]) -> None:
@@ -117,14 +132,17 @@ def similarity_png(path: str, pairs: dict, p: int, sims: dict[str, np.ndarray]) 
             line.append(t)
         cells.append(line)
     header = ['source', 'left eye', 'right eye', 'nose', 'mouth L', 'mouth R']
-    _save(_grid(cells, header[:1 + next(iter(sims.values())).shape[0]], list(sims)), path)
+    _save(_with_legend(_grid(cells, header[:1 + next(iter(sims.values())).shape[0]], list(sims)),
+                       'white ring: the true target landmark; colour: similarity, blue low, red high'), path)
 
 
 def tsne_png(path: str, embeddings: dict[str, np.ndarray], labels: np.ndarray, scores: dict) -> None:
-    """One panel per row: the first t-SNE run's 2-D embedding, coloured by landmark."""
+    """One panel per row: the first t-SNE run's 2-D embedding, coloured by landmark, the legend below."""
     size, pad = 220, 4
-    out = Image.new('RGB', (len(embeddings) * (size + pad), size + 16), (255, 255, 255))
+    out = Image.new('RGB', (max(len(embeddings) * (size + pad), 560), size + 16 + LEGEND_HEIGHT + 4),
+                    (255, 255, 255))
     d = ImageDraw.Draw(out)
+    draw_landmark_legend(d, 4, size + 18, names=LANDMARK_NAMES[:int(labels.max()) + 1])
     for j, (name, e) in enumerate(embeddings.items()):
         x0 = j * (size + pad)
         lo, hi = e.min(0), e.max(0)
@@ -165,6 +183,42 @@ def silhouette(desc: np.ndarray, runs: int) -> tuple[list[float], np.ndarray, np
         first = emb if first is None else first
         scores.append(float(silhouette_score(emb, labels)))
     return [float(np.mean(scores)), float(np.std(scores))], first, labels
+
+
+def training_figures(workdir: str, rows) -> list[tuple[str, str]]:
+    """For each row trained in a workdir (stage 1 for `mae`, stage 2 for the projector rows): its loss curve from
+    metrics.jsonl, drawn into `workdir/figures/loss_ROW.png`, and the last reconstruction (stage 1) or cluster
+    (stage 2) figure that training wrote, linked where it is. → [(title, path relative to workdir)]."""
+    from sce_mae_jax import figures
+
+    out = []
+    if jax.process_index() != 0:
+        return out
+    for row in rows:
+        if row.kind not in ('backbone', 'projected') or not row.source:
+            continue
+        metrics = os.path.join(row.source, 'metrics.jsonl')
+        if not fileio.exists(metrics):
+            continue
+        stage = 'stage 1 (MAE)' if row.kind == 'backbone' else 'stage 2 (CARB)'
+        steps, losses = figures.read_losses(metrics)
+        if len(steps):
+            fileio.makedirs(os.path.join(workdir, 'figures'))
+            name = f'figures/loss_{row.name}.png'
+            figures.save_loss_curve_png(os.path.join(workdir, name), f'{row.name}: {stage} training loss', steps,
+                                        losses)
+            out.append((f'Training loss of `{row.name}`, {stage}, from {metrics}', name))
+        prefix = 'recon_' if row.kind == 'backbone' else 'clusters_'
+        fig_dir = os.path.join(row.source, 'figures')
+        shown = sorted(f for f in (fileio.listdir(fig_dir) if fileio.isdir(fig_dir) else [])
+                       if f.startswith(prefix) and f.endswith('.png'))
+        if shown:
+            what = ('MAE reconstructions (original / masked / reconstructed)' if row.kind == 'backbone' else
+                    'CARB token split (inattentive clusters tinted, attentive tokens clear)')
+            target = os.path.join(row.source, 'figures', shown[-1])
+            link = target if '://' in target else os.path.relpath(target, workdir)
+            out.append((f'{what} of `{row.name}` at its last figure step ({shown[-1]})', link))
+    return out
 
 
 def matching_figures(workdir: str, pairs: dict, rows, fns: dict, fc, mesh) -> tuple[list, dict]:

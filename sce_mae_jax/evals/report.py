@@ -238,7 +238,9 @@ def render(results: dict) -> str:
                   'attentive tokens on the cells most often attentive over the images (100%: fixed positions, '
                   'whatever the face).', '']
         blocks = sorted({b for v in results['premise'].values() for b in v}, key=int)
-        lines += ['Each cell: attentive tokens on a landmark / chance, landmark recall, share on fixed cells.', '',
+        lines += ['Each cell: attentive tokens on one of the 5 landmarks / chance (all tokens on one of the 5), '
+                  'landmark recall, share on fixed cells. (`python -m sce_mae_jax.evals.attentive` counts the 68 '
+                  'points for coverage and chance, so its chance is higher.)', '',
                   '| row | ' + ' | '.join(f'block {b}' for b in blocks) + ' |', '|---|' + '---|' * len(blocks)]
         for r in _rows(results['premise']):
             cells = [results['premise'][r].get(b) for b in blocks]

@@ -212,20 +212,17 @@ def build(config, dataset_len: int):
 def state_and_step(config, mesh, dataset_len: int, mae: MAE | None = None):
     """The replicated initial projector state and the step jitted over `mesh` (the backbone and the split's
     inputs replicated arguments, the batch on `data`, the state donated): what training runs and what `bench.py`
-    times. Returns (encoder, total_steps, state, state_sharding, step) with
-    `step(state, backbone, batch, split_aux=None)` (`prepare_split`; `mae` the frozen MAE of split=recon)."""
+    times. Returns (encoder, total_steps, state, state_sharding, step) with `step(state, backbone, batch,
+    split_aux)` itself the jitted function, so that it can be lowered and compiled ahead (bench.py); `split_aux`
+    is `prepare_split`'s dict ({} for the criteria that need nothing) and `mae` the frozen MAE of split=recon."""
     repl, data_sh = common.replicated(mesh), common.data_sharded(mesh)
     encoder, projector, tx, schedule, total_steps = build(config, dataset_len)
     init = functools.partial(init_state, projector, tx, config.seed, encoder.num_patches, encoder.embed_dim)
     state_sh = jax.tree.map(lambda _: repl, jax.eval_shape(init))
     state = jax.jit(init, out_shardings=state_sh)()
-    jitted = jax.jit(functools.partial(train_step, encoder=encoder, projector=projector, tx=tx, schedule=schedule,
-                                       config=config, mae=mae),
-                     in_shardings=(state_sh, repl, data_sh, repl), out_shardings=(state_sh, repl), donate_argnums=0)
-
-    def step(state, backbone, batch, split_aux=None):
-        return jitted(state, backbone, batch, split_aux or {})
-
+    step = jax.jit(functools.partial(train_step, encoder=encoder, projector=projector, tx=tx, schedule=schedule,
+                                     config=config, mae=mae),
+                   in_shardings=(state_sh, repl, data_sh, repl), out_shardings=(state_sh, repl), donate_argnums=0)
     return encoder, total_steps, state, state_sh, step
 
 
