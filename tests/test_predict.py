@@ -9,14 +9,16 @@ import subprocess
 import sys
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 from PIL import Image
 
 from conftest import REPO
-from sce_mae_jax import Landmarker, config_lib, predict
+from sce_mae_jax import Landmarker, config_lib, export, predict
 from sce_mae_jax.data import framing, pipeline
 from sce_mae_jax.data.sources import get_source
+from sce_mae_jax.errors import ConfigError
 from sce_mae_jax.evals import detection, rows as rows_lib
 from sce_mae_jax.train import carb, common, pretrain
 
@@ -176,3 +178,31 @@ def test_match_follows_points_into_the_other_image(model, faces, tmp_path, capsy
     assert lines[0] == f'point 0: {a} (60.2, 70.0) → {b} ({got[0, 0]:.1f}, {got[0, 1]:.1f})'
     assert len([l for l in lines if l.startswith('point ')]) == 3
     assert Image.open(tmp_path / 'm' / 'match.png').size[0] >= 3 * 288
+
+
+def test_export_is_the_same_model(model, faces, tmp_path):
+    root, _ = model
+    out = str(tmp_path / 'exported')
+    meta = export.export(root, out)
+    assert meta['trained_on']['stage1']['steps'] == 1 and meta['trained_on']['stage2']['steps'] == 1
+    assert meta['trained_on']['stage2']['projector']['out_dim'] == 16
+    assert list(meta['regressors']) == ['synthetic_5/sce_mae'] and meta['regressors']['synthetic_5/sce_mae'][
+        'landmarks'] == 5
+    results = json.load(open(os.path.join(root, 'results.json')))
+    assert meta['evaluation']['detection'] == results['detection'] == json.load(
+        open(os.path.join(out, 'model.json')))['evaluation']['detection']
+    # the whole MAE (decoder too) and nothing of the training (no optimiser state)
+    params = common.load_params(os.path.join(out, 'stage1'))
+    assert {'encoder', 'decoder_pred', 'decoder_blocks_0', 'mask_token'} <= set(params)
+    assert not os.path.exists(os.path.join(out, 'stage1', 'metrics.jsonl'))
+    images, _ = faces
+    np.testing.assert_array_equal(Landmarker.load(out).landmarks(images), Landmarker.load(root).landmarks(images))
+    # the evaluations' loader (every evaluation job starts with it) takes the export for both stages
+    cfg = ml_collections.ConfigDict({'stage1': out, 'stage2': out, 'random_init_carb': '', 'extra': '',
+                                     'rows': ('mae', 'sce_mae'), 'seed': 0})
+    _, exported, _ = rows_lib.load_rows(cfg)
+    cfg.stage1, cfg.stage2 = os.path.join(root, 'stage1'), os.path.join(root, 'stage2')
+    _, original, _ = rows_lib.load_rows(cfg)
+    assert [r.digest for r in exported] == [r.digest for r in original]
+    with pytest.raises(ConfigError, match='not empty'):
+        export.export(root, out)
