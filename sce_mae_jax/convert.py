@@ -108,7 +108,7 @@ def save_torch_state_dict(state_dict: dict, path: str) -> None:
     except ImportError as e:
         raise SystemExit('writing a .pth file needs PyTorch: pip install "sce_mae_jax[torch]" (or call '
                          'sce_mae_jax.convert.mae_to_torch, which returns NumPy arrays)') from e
-    torch.save({'model': {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state_dict.items()}}, path)
+    torch.save({'model': {k: torch.from_numpy(np.array(v, np.float32)) for k, v in state_dict.items()}}, path)
 
 
 def load_torch_state_dict(path: str) -> dict:

@@ -142,7 +142,7 @@ def main(argv=None) -> int:
     p.add_argument('--format', default='jax', choices=FORMATS)
     args = p.parse_args(argv)
     from absl import logging
-    logging.set_verbosity(logging.WARNING)
+    logging.set_verbosity(logging.ERROR)  # orbax warns on every training checkpoint it reads params from
     try:
         meta = export(args.workdir, args.out, args.format)
     except ConfigError as e:

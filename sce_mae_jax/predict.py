@@ -192,7 +192,7 @@ def main(argv=None) -> int:
     if bool(args.images) == bool(args.match):
         raise SystemExit('error: give --images=PATH (landmarks) or --match SRC TGT (correspondences)')
     from absl import logging
-    logging.set_verbosity(logging.WARNING)
+    logging.set_verbosity(logging.ERROR)  # orbax warns on every training checkpoint it reads params from
     from sce_mae_jax.errors import ConfigError
     from sce_mae_jax.landmarker import Landmarker
     try:

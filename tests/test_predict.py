@@ -206,3 +206,16 @@ def test_export_is_the_same_model(model, faces, tmp_path):
     assert [r.digest for r in exported] == [r.digest for r in original]
     with pytest.raises(ConfigError, match='not empty'):
         export.export(root, out)
+
+
+def test_torch_export_is_the_stage1_mae(model, tmp_path):
+    """--format=torch (the optional `torch` extra): mae.pth holds the stage-1 MAE, encoder and decoder."""
+    pytest.importorskip('torch')
+    import jax
+
+    from sce_mae_jax.convert import load_torch_state_dict, mae_from_torch
+    root, _ = model
+    meta = export.export(root, str(tmp_path / 't'), 'torch')
+    assert meta['trained_on']['stage1']['steps'] == 1 and 'mae.pth' in meta['files']
+    back = mae_from_torch(load_torch_state_dict(str(tmp_path / 't' / 'mae.pth')))
+    jax.tree.map(np.testing.assert_array_equal, back, common.load_params(os.path.join(root, 'stage1')))
