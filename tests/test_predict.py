@@ -2,11 +2,11 @@
 regressor), trained a step each in-process: landmarks on a folder of faces of several sizes and formats come
 back in each file's own pixels, equal to the evaluation's predictions on the same crops; bad files are one
 line each; the export loads in the Landmarker and in the evaluations' row loader with the same weights."""
+import contextlib
 import csv
+import io
 import json
 import os
-import subprocess
-import sys
 
 import jax
 import ml_collections
@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import REPO
 from sce_mae_jax import Landmarker, config_lib, export, predict
 from sce_mae_jax.data import framing, pipeline
 from sce_mae_jax.data.sources import get_source
@@ -85,13 +84,15 @@ def folder(tmp_path_factory, faces):
 
 @pytest.fixture(scope='module')
 def cli_run(model, folder, tmp_path_factory):
+    """The command line, in this process so that it shares the compilations (a subprocess would pay JAX's
+    start and every compile again); batches of 2 for 3 images, so the last one is padded."""
     out = tmp_path_factory.mktemp('pred')
-    env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='--xla_force_host_platform_device_count=2')
-    proc = subprocess.run([sys.executable, '-m', 'sce_mae_jax.predict', f'--model={model[0]}',
-                           f'--images={folder}', f'--out={out}', '--overlays', '--batch_size=2'],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return out, proc
+    capture = io.StringIO()
+    with contextlib.redirect_stdout(capture):
+        status = predict.main([f'--model={model[0]}', f'--images={folder}', f'--out={out}', '--overlays',
+                               '--batch_size=2'])
+    assert status == 0
+    return out, capture.getvalue()
 
 
 def _csv(path):
@@ -101,7 +102,7 @@ def _csv(path):
 
 
 def test_cli_gives_landmarks_in_each_files_own_pixels(model, faces, folder, cli_run):
-    out, proc = cli_run
+    out, _ = cli_run
     header, got = _csv(out / 'landmarks.csv')
     assert header[:3] == ['file', 'x0', 'y0'] and len(header) == 11 and sorted(got) == [
         'face0.png', 'face1.png', 'face2.jpg']
@@ -120,8 +121,8 @@ def test_cli_gives_landmarks_in_each_files_own_pixels(model, faces, folder, cli_
 
 
 def test_cli_skips_bad_files_with_one_line_each(cli_run):
-    out, proc = cli_run
-    lines = proc.stdout.strip().splitlines()
+    out, stdout = cli_run
+    lines = stdout.strip().splitlines()
     skipped = [l for l in lines if l.startswith('skipped ')]
     assert len(skipped) == 3
     for name, why in (('broken.jpg', 'unreadable image data'), ('notes.txt', 'not an image'),
