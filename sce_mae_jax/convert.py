@@ -63,6 +63,54 @@ def mae_from_torch(state_dict: dict) -> dict:
     return params
 
 
+def _block_to_torch(p: dict, prefix: str) -> dict:
+    out = {f'{prefix}.{n}.weight': p[n]['scale'] for n in ('norm1', 'norm2')}
+    out.update({f'{prefix}.{n}.bias': p[n]['bias'] for n in ('norm1', 'norm2')})
+    for name in _LINEARS:
+        group, leaf = name.split('.')
+        out[f'{prefix}.{name}.weight'] = p[group][leaf]['kernel'].T
+        out[f'{prefix}.{name}.bias'] = p[group][leaf]['bias']
+    return out
+
+
+def mae_to_torch(params: dict) -> dict:
+    """Inverse of `mae_from_torch`: our `MAE` params (or `ViT` params) → a `MaskedAutoencoderViT.state_dict()`
+    (or its encoder part) as float32 NumPy arrays keyed as facebookresearch/mae names them."""
+    p = params
+    enc = p.get('encoder', p)
+    kernel = np.asarray(enc['patch_embed']['kernel'], np.float32)   # (p·p·3, D), (row, column, channel) rows
+    patch = int(round((kernel.shape[0] / 3) ** 0.5))
+    sd = {'cls_token': enc['cls_token'], 'pos_embed': enc['pos_embed'],
+          'patch_embed.proj.weight': kernel.reshape(patch, patch, 3, -1).transpose(3, 2, 0, 1),
+          'patch_embed.proj.bias': enc['patch_embed']['bias'],
+          'norm.weight': enc['norm']['scale'], 'norm.bias': enc['norm']['bias']}
+    for i in range(_count_ours(enc, 'blocks')):
+        sd.update(_block_to_torch(enc[f'blocks_{i}'], f'blocks.{i}'))
+    if 'encoder' in params:
+        sd.update({'mask_token': p['mask_token'], 'decoder_pos_embed': p['decoder_pos_embed'],
+                   'decoder_norm.weight': p['decoder_norm']['scale'], 'decoder_norm.bias': p['decoder_norm']['bias']})
+        for name in ('decoder_embed', 'decoder_pred'):
+            sd[f'{name}.weight'], sd[f'{name}.bias'] = np.asarray(p[name]['kernel']).T, p[name]['bias']
+        for i in range(_count_ours(p, 'decoder_blocks')):
+            sd.update(_block_to_torch(p[f'decoder_blocks_{i}'], f'decoder_blocks.{i}'))
+    return {k: np.ascontiguousarray(np.asarray(v, np.float32)) for k, v in sd.items()}
+
+
+def _count_ours(tree: dict, prefix: str) -> int:
+    return sum(1 for k in tree if re.fullmatch(rf'{prefix}_\d+', k))
+
+
+def save_torch_state_dict(state_dict: dict, path: str) -> None:
+    """Writes `{'model': state_dict}` as torch tensors, the layout of the official MAE checkpoints (which
+    `load_torch_state_dict` and facebookresearch/mae's own loaders read)."""
+    try:
+        import torch
+    except ImportError as e:
+        raise SystemExit('writing a .pth file needs PyTorch: pip install "sce_mae_jax[torch]" (or call '
+                         'sce_mae_jax.convert.mae_to_torch, which returns NumPy arrays)') from e
+    torch.save({'model': {k: torch.from_numpy(np.array(v, np.float32)) for k, v in state_dict.items()}}, path)
+
+
 def load_torch_state_dict(path: str) -> dict:
     try:
         import torch

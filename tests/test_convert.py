@@ -84,3 +84,131 @@ def test_converted_checkpoint_is_what_init_from_loads(tmp_path):
     config.model.embed_dim = 64
     with pytest.raises(ConfigError, match='does not fit config.model'):
         write_checkpoint(mae_from_torch(sd), config, str(tmp_path / 'conv2'))
+
+
+# ---------------------------------------------------------------------------------------------- export to PyTorch
+def _tiny_mae():
+    import jax
+
+    from sce_mae_jax.models.mae import MAE
+    model = MAE(embed_dim=D, depth=DEPTH, num_heads=H, decoder_embed_dim=16, decoder_depth=2, decoder_num_heads=2)
+    params = jax.jit(model.init)({'params': jax.random.PRNGKey(0), 'masking': jax.random.PRNGKey(1)},
+                                 jnp.zeros((1, 96, 96, 3)))['params']
+    # perturb every leaf: initial values (zeros, ones, sin-cos tables) would hide a swapped or transposed leaf
+    leaves, tree = jax.tree.flatten(params)
+    rng = np.random.default_rng(3)
+    return model, jax.tree.unflatten(tree, [np.asarray(l) + 0.02 * rng.normal(size=l.shape).astype(np.float32)
+                                            for l in leaves])
+
+
+def _official_keys(depth, decoder_depth):
+    """MaskedAutoencoderViT.state_dict() keys (facebookresearch/mae models_mae.py with timm's Block)."""
+    block = ['norm1.weight', 'norm1.bias', 'attn.qkv.weight', 'attn.qkv.bias', 'attn.proj.weight', 'attn.proj.bias',
+             'norm2.weight', 'norm2.bias', 'mlp.fc1.weight', 'mlp.fc1.bias', 'mlp.fc2.weight', 'mlp.fc2.bias']
+    keys = ['cls_token', 'pos_embed', 'patch_embed.proj.weight', 'patch_embed.proj.bias', 'norm.weight', 'norm.bias',
+            'mask_token', 'decoder_pos_embed', 'decoder_embed.weight', 'decoder_embed.bias', 'decoder_norm.weight',
+            'decoder_norm.bias', 'decoder_pred.weight', 'decoder_pred.bias']
+    keys += [f'blocks.{i}.{k}' for i in range(depth) for k in block]
+    keys += [f'decoder_blocks.{i}.{k}' for i in range(decoder_depth) for k in block]
+    return sorted(keys)
+
+
+def test_mae_to_torch_is_the_inverse_of_the_importer():
+    import jax
+
+    from sce_mae_jax.convert import mae_to_torch
+    _, params = _tiny_mae()
+    sd = mae_to_torch(params)
+    assert sorted(sd) == _official_keys(DEPTH, 2)
+    assert sd['patch_embed.proj.weight'].shape == (D, 3, P, P) and sd['blocks.0.attn.qkv.weight'].shape == (3 * D, D)
+    assert sd['decoder_embed.weight'].shape == (16, D) and sd['decoder_pred.weight'].shape == (P * P * 3, 16)
+    back = mae_from_torch(sd)
+    assert jax.tree.structure(back) == jax.tree.structure(jax.tree.map(np.asarray, params))
+    jax.tree.map(np.testing.assert_array_equal, back, jax.tree.map(np.asarray, params))
+    # the encoder part alone goes to an encoder-only state dict, which the importer reads back as ViT params
+    enc = mae_to_torch(params['encoder'])
+    assert not any(k.startswith(('decoder', 'mask_token')) for k in enc)
+    jax.tree.map(np.testing.assert_array_equal, mae_from_torch(enc), jax.tree.map(np.asarray, params['encoder']))
+
+
+def test_exported_state_dict_loads_strictly_into_the_official_layout_and_runs_the_same(tmp_path):
+    """PyTorch (the optional `torch` extra): the state dict, saved as a .pth the way export --format=torch
+    writes it, loads with strict=True into a module of MaskedAutoencoderViT's layout, whose forward (same
+    masking noise) gives our loss and reconstruction."""
+    torch = pytest.importorskip('torch')
+    from torch import nn
+
+    from sce_mae_jax.convert import load_torch_state_dict, mae_to_torch, save_torch_state_dict
+
+    class Block(nn.Module):  # timm's Block, as models_mae.py builds it (qkv_bias=True, LayerNorm eps 1e-6)
+        def __init__(self, dim, heads):
+            super().__init__()
+            self.heads = heads
+            self.norm1, self.norm2 = nn.LayerNorm(dim, eps=1e-6), nn.LayerNorm(dim, eps=1e-6)
+            self.attn = nn.Module()
+            self.attn.qkv, self.attn.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+            self.mlp = nn.Module()
+            self.mlp.fc1, self.mlp.fc2 = nn.Linear(dim, 4 * dim), nn.Linear(4 * dim, dim)
+
+        def forward(self, x):
+            b, n, c = x.shape
+            qkv = self.attn.qkv(self.norm1(x)).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+            a = (qkv[0] @ qkv[1].transpose(-2, -1) * (c // self.heads) ** -0.5).softmax(-1)
+            x = x + self.attn.proj((a @ qkv[2]).transpose(1, 2).reshape(b, n, c))
+            return x + self.mlp.fc2(nn.functional.gelu(self.mlp.fc1(self.norm2(x))))
+
+    class MaskedAutoencoderViT(nn.Module):
+        def __init__(self, dim, depth, heads, ddim, ddepth, dheads, n=144):
+            super().__init__()
+            self.patch_embed = nn.Module()
+            self.patch_embed.proj = nn.Conv2d(3, dim, P, P)
+            self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+            self.pos_embed = nn.Parameter(torch.zeros(1, n + 1, dim), requires_grad=False)
+            self.blocks = nn.ModuleList([Block(dim, heads) for _ in range(depth)])
+            self.norm = nn.LayerNorm(dim, eps=1e-6)
+            self.decoder_embed = nn.Linear(dim, ddim)
+            self.mask_token = nn.Parameter(torch.zeros(1, 1, ddim))
+            self.decoder_pos_embed = nn.Parameter(torch.zeros(1, n + 1, ddim), requires_grad=False)
+            self.decoder_blocks = nn.ModuleList([Block(ddim, dheads) for _ in range(ddepth)])
+            self.decoder_norm = nn.LayerNorm(ddim, eps=1e-6)
+            self.decoder_pred = nn.Linear(ddim, P * P * 3)
+
+        def forward(self, imgs, noise, mask_ratio=0.75):  # models_mae.py's forward_encoder / forward_decoder
+            x = self.patch_embed.proj(imgs).flatten(2).transpose(1, 2) + self.pos_embed[:, 1:]
+            b, n, d = x.shape
+            keep = int(n * (1 - mask_ratio))
+            ids_shuffle = torch.argsort(noise, dim=1)
+            ids_restore = torch.argsort(ids_shuffle, dim=1)
+            x = torch.gather(x, 1, ids_shuffle[:, :keep, None].repeat(1, 1, d))
+            mask = torch.ones(b, n)
+            mask[:, :keep] = 0
+            mask = torch.gather(mask, 1, ids_restore)
+            x = torch.cat([(self.cls_token + self.pos_embed[:, :1]).expand(b, -1, -1), x], 1)
+            for blk in self.blocks:
+                x = blk(x)
+            x = self.decoder_embed(self.norm(x))
+            tokens = torch.cat([x[:, 1:], self.mask_token.repeat(b, n + 1 - x.shape[1], 1)], 1)
+            tokens = torch.gather(tokens, 1, ids_restore[..., None].repeat(1, 1, x.shape[2]))
+            x = torch.cat([x[:, :1], tokens], 1) + self.decoder_pos_embed
+            for blk in self.decoder_blocks:
+                x = blk(x)
+            pred = self.decoder_pred(self.decoder_norm(x))[:, 1:]
+            target = imgs.reshape(b, 3, 12, P, 12, P).permute(0, 2, 4, 3, 5, 1).reshape(b, n, -1)  # patchify
+            mean, var = target.mean(-1, keepdim=True), target.var(-1, keepdim=True)
+            loss = (((pred - (target - mean) / (var + 1e-6) ** 0.5) ** 2).mean(-1) * mask).sum() / mask.sum()
+            return loss, pred, mask
+
+    model, params = _tiny_mae()
+    path = str(tmp_path / 'mae.pth')
+    save_torch_state_dict(mae_to_torch(params), path)
+    official = MaskedAutoencoderViT(D, DEPTH, H, 16, 2, 2)
+    official.load_state_dict({k: v for k, v in load_torch_state_dict(path).items()}, strict=True)
+    rng = np.random.default_rng(4)
+    img = rng.normal(size=(2, 96, 96, 3)).astype(np.float32)
+    noise = rng.uniform(size=(2, 144)).astype(np.float32)
+    loss, pred, mask = model.apply({'params': params}, jnp.asarray(img), noise=jnp.asarray(noise))
+    with torch.no_grad():
+        t_loss, t_pred, t_mask = official(torch.from_numpy(img.transpose(0, 3, 1, 2).copy()), torch.from_numpy(noise))
+    np.testing.assert_array_equal(np.asarray(mask), t_mask.numpy())
+    np.testing.assert_allclose(np.asarray(pred), t_pred.numpy(), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(float(loss), float(t_loss), rtol=1e-4)

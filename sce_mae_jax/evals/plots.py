@@ -30,7 +30,7 @@ def _replicated(x, mesh):
     return jax.make_array_from_process_local_data(replicated(mesh), np.asarray(x))
 
 
-def _heat(v: np.ndarray) -> np.ndarray:
+def heat(v: np.ndarray) -> np.ndarray:
     """[0, 1] → RGB, dark blue → cyan → yellow → red."""
     stops = np.array([[0, 0, 90], [0, 180, 255], [255, 240, 0], [220, 0, 0]], np.float32)
     x = np.clip(v, 0, 1) * (len(stops) - 1)
@@ -124,7 +124,7 @@ def similarity_png(path: str, pairs: dict, p: int, sims: dict[str, np.ndarray]) 
         for l in range(s.shape[0]):
             m = s[l]
             m = (m - m.min()) / max(m.max() - m.min(), 1e-8)
-            img = 0.35 * pairs['tgt_images'][p].astype(np.float32) + 0.65 * _heat(m)
+            img = 0.35 * pairs['tgt_images'][p].astype(np.float32) + 0.65 * heat(m)
             t = _tile(np.clip(img, 0, 255))
             d = ImageDraw.Draw(t)
             x, y = _xy(pairs['tgt_landmarks'][p][l])

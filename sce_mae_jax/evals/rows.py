@@ -93,6 +93,20 @@ def _stage2(workdir: str, what: str, encoder: ViT) -> tuple[dict, dict, Projecto
     return cfg, jax.tree.map(np.asarray, backbone), projector, params
 
 
+EXPORTED = 'model.json'  # marks a directory written by `python -m sce_mae_jax.export`
+
+
+def exported_stage(path: str, stage: str) -> str:
+    """`path`, or its `stage` folder ('stage1', 'stage2') when it is an exported model: an export holds both
+    stages, so one directory serves --config.stage1 and --config.stage2."""
+    if path and fileio.exists(os.path.join(path, EXPORTED)):
+        inner = os.path.join(path, stage)
+        if not fileio.exists(os.path.join(inner, 'config.json')):
+            raise ConfigError(f'{path} is an exported model without {stage}/ (its workdir had none)')
+        return inner
+    return path
+
+
 def _same_tree(a, b) -> bool:
     la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
     return len(la) == len(lb) and all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(la, lb))
@@ -120,16 +134,17 @@ def load_rows(config) -> tuple[ViT, list[Row], list[str]]:
     if unknown:
         raise ConfigError(f'rows={tuple(config.rows)}: unknown row(s) {unknown}; choose from {ROWS} (further '
                           'stage-2 workdirs go in --config.extra=NAME=DIR)')
-    base = config.stage1 or config.stage2
-    encoder = encoder_from_model_config(read_config(base, 'stage1' if config.stage1 else 'stage2')['model'])
+    stage1, stage2_dir = exported_stage(config.stage1, 'stage1'), exported_stage(config.stage2, 'stage2')
+    base = stage1 or stage2_dir
+    encoder = encoder_from_model_config(read_config(base, 'stage1' if stage1 else 'stage2')['model'])
     mae_params = None
-    if config.stage1:
-        params = load_params(config.stage1)
+    if stage1:
+        params = load_params(stage1)
         mae_params = params.get('encoder', params)
     extra = parse_extra(config.extra)
     if len({n for n, _ in extra}) != len(extra):
         raise ConfigError(f'extra={config.extra!r} names a row twice')
-    stage2 = [(n, d) for n, d in (('sce_mae', config.stage2), ('random_init_carb', config.random_init_carb))
+    stage2 = [(n, d) for n, d in (('sce_mae', stage2_dir), ('random_init_carb', config.random_init_carb))
               if n in config.rows] + extra
     rows, skipped = [], []
     for name in [r for r in ROWS if r in config.rows] + [n for n, _ in extra]:
@@ -146,7 +161,7 @@ def load_rows(config) -> tuple[ViT, list[Row], list[str]]:
             if mae_params is None:
                 skipped.append('mae (no --config.stage1)')
                 continue
-            rows.append(Row(name, 'backbone', mae_params, source=config.stage1))
+            rows.append(Row(name, 'backbone', mae_params, source=stage1))
         else:
             workdir = dict(stage2)[name]
             if not workdir:
@@ -163,7 +178,7 @@ def load_rows(config) -> tuple[ViT, list[Row], list[str]]:
                                       f'{cfg.get("seed")}, the random_init row uses seed {config.seed}; pass '
                                       f'--config.seed={cfg.get("seed")}')
             elif mae_params is not None and not _same_tree(backbone, mae_params):
-                raise ConfigError(f'{name}={workdir} was trained on another backbone than stage1={config.stage1} '
+                raise ConfigError(f'{name}={workdir} was trained on another backbone than stage1={stage1} '
                                   f'(its init_from: {cfg.get("init_from")!r}); pass the stage-1 workdir it was '
                                   'trained on, or a stage-2 workdir trained on this one')
             rows.append(Row(name, 'projected', backbone, projector, proj_params, source=workdir))
