@@ -311,13 +311,15 @@ def test_synthetic_dispatch_is_lazy(monkeypatch):
 
     fake = types.ModuleType('sce_mae_jax.data.synthetic')
     fake.SPLITS = ('pretrain', 'train', 'test', 'match')  # the split check reads it before the dispatch
-    fake.SyntheticFaces = lambda split, seed=0, clutter=True: types.SimpleNamespace(split=split, seed=seed,
-                                                                                   clutter=clutter)
+    fake.SyntheticFaces = lambda split, seed=0, clutter=True, placement='aligned': types.SimpleNamespace(
+        split=split, seed=seed, clutter=clutter, placement=placement)
     monkeypatch.setitem(sys.modules, 'sce_mae_jax.data.synthetic', fake)
     monkeypatch.setattr(data_pkg, 'synthetic', fake, raising=False)
     s = sources.get_source('synthetic', 'train', seed=3)
     assert (s.split, s.seed, s.clutter, s.num_landmarks, s.iod_indices) == ('train', 3, True, 5, (0, 1))
     assert not sources.get_source('synthetic_plain', 'train').clutter
+    wild = sources.get_source('synthetic_wild', 'train')
+    assert wild.clutter and wild.placement == 'wild'
 
 
 # ----------------------------------------------------------------------------- errors
