@@ -1,5 +1,6 @@
 """Run safety of the shared train loop (train/common.py): non-finite steps, corrupt checkpoints, a second run on
 one workdir, a full disk. A toy regression keeps each run to a second; the loop is the trainers' own."""
+import builtins
 import errno
 import logging
 import json
@@ -9,6 +10,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 
 import jax
 import jax.numpy as jnp
@@ -278,6 +280,122 @@ def test_full_disk_during_a_save_is_a_clear_error_and_earlier_checkpoints_surviv
     assert _run(tmp_path / 'run', total_steps=8, keep=3)['step'] == 8  # space freed: resumes from 4
     straight, resumed = losses(tmp_path / 'straight'), losses(tmp_path / 'run')
     np.testing.assert_allclose([resumed[s] for s in range(1, 9)], [straight[s] for s in range(1, 9)], rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------- storage faults
+@pytest.fixture(scope='module')
+def straight(tmp_path_factory):
+    """Per-step losses of an uninterrupted 8-step run."""
+    workdir = tmp_path_factory.mktemp('straight')
+    _run(workdir, total_steps=8, keep=3)
+    return losses(workdir)
+
+
+def _fail_at(monkeypatch, obj, name, exc, when):
+    """Makes `obj.name` raise `exc` on the call for which `when(*args)` is true (the rest pass through)."""
+    real = getattr(obj, name)
+
+    def fake(*args, **kwargs):
+        if when(*args):
+            raise exc
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(obj, name, fake)
+
+
+def _full_at_step_6(monkeypatch, tmp_path):
+    usage = shutil.disk_usage(tmp_path)
+    calls = []
+
+    def disk_usage(path):
+        calls.append(path)                              # preflights of steps 1, 2, 4, then 6
+        return usage._replace(free=1000 if len(calls) == 4 else usage.free)
+
+    monkeypatch.setattr(shutil, 'disk_usage', disk_usage)
+
+
+@pytest.mark.parametrize('fault', ['metrics_enospc', 'tensorboard_eacces', 'figure_erofs', 'orbax_async_enospc',
+                                   'preflight_full', 'checkpoints_turn_unwritable'])
+def test_storage_fault_is_one_line_naming_path_and_checkpoint_and_loses_nothing(tmp_path, monkeypatch, fault,
+                                                                                 straight):
+    from tensorboardX.event_file_writer import EventsWriter
+    figure_fn = None
+    ckpts = tmp_path / 'checkpoints'
+    if fault == 'metrics_enospc':                       # half of step 5's line lands, then the disk is full
+        real_write = os.write
+
+        def write(fd, data):
+            if b'"step": 5,' in data:
+                real_write(fd, data[:len(data) // 2])
+                raise OSError(errno.ENOSPC, 'No space left on device')
+            return real_write(fd, data)
+
+        monkeypatch.setattr(os, 'write', write)
+        says = r'writing metrics.jsonl \(.*metrics.jsonl\) failed: the disk is full; the newest intact checkpoint is step'
+    elif fault == 'tensorboard_eacces':
+        _fail_at(monkeypatch, EventsWriter, 'write_event', PermissionError(errno.EACCES, 'Permission denied'),
+                 lambda self, event: event.step == 5)
+        says = r'writing TensorBoard events \(.*/tb\) failed: permission denied; the newest intact checkpoint is step'
+    elif fault == 'figure_erofs':
+        def figure_fn(step, state, batch):
+            if step == 5:
+                raise OSError(errno.EROFS, 'Read-only file system', str(tmp_path / 'figures' / 'x.png'))
+        says = r'writing the step-5 figure \(.*figures/x.png\) failed: the file system is read-only; the newest'
+    elif fault == 'orbax_async_enospc':                 # tensorstore's error: a ValueError, no OSError in it
+        msg = (f'RESOURCE_EXHAUSTED: Error writing local file "{ckpts}/6.orbax-checkpoint-tmp/state/d/x": Failed '
+               "to write 400 bytes to file 8: No space left on device [os_error_code='28']")
+        _fail_at(monkeypatch, ocp.CheckpointManager, 'save', ValueError(msg), lambda self, step: step == 6)
+        says = (r'checkpointing at step 6 failed writing to .*checkpoints \(.*6.orbax-checkpoint-tmp/state/d/x\): '
+                r'the disk is full \(earlier checkpoints \(1, 2, 4\) are intact\); free space and rerun')
+    elif fault == 'preflight_full':
+        _full_at_step_6(monkeypatch, tmp_path)
+        says = (r'writing checkpoint 6 \(.*checkpoints\) would fail: the disk is full .*the newest intact checkpoint '
+                r'is step 4 \(.*checkpoints/4\); free space and rerun to resume')
+    else:                                               # e.g. chmod -w checkpoints/ during the run
+        calls = []
+        _fail_at(monkeypatch, builtins, 'open', PermissionError(errno.EACCES, 'Permission denied', str(ckpts)),
+                 lambda path, *a: '.write_test' in str(path) and len(calls.append(0) or calls) == 5)
+        says = (r'writing checkpoints \(.*checkpoints\) failed: permission denied; the newest intact checkpoint is '
+                r'step 4 .*fix the permissions')
+    with pytest.raises(common.RunStopped, match=says) as stopped:
+        _run(tmp_path, total_steps=8, keep=3, figure_fn=figure_fn)
+    assert '\n' not in str(stopped.value)
+    monkeypatch.undo()
+    assert _run(tmp_path, total_steps=8, keep=3)['step'] == 8  # the fault gone, the run resumes
+    assert _records(tmp_path) == list(range(1, 9))
+    resumed = losses(tmp_path)
+    np.testing.assert_allclose([resumed[s] for s in range(1, 9)], [straight[s] for s in range(1, 9)], rtol=1e-6)
+
+
+def test_unwritable_checkpoints_dir_stops_at_once(tmp_path, monkeypatch):
+    """Orbax's save would wait 5 minutes for a directory it cannot create."""
+    _fail_at(monkeypatch, builtins, 'open', PermissionError(errno.EACCES, 'Permission denied'),
+             lambda path, *a: '.write_test' in str(path))
+    t0 = time.time()
+    with pytest.raises(common.RunStopped, match=r'writing checkpoints \(.*checkpoints\) failed: permission denied; '
+                                                r'there is no checkpoint yet; fix the permissions'):
+        _run(tmp_path, total_steps=2)
+    assert time.time() - t0 < 60
+    assert not os.path.exists(tmp_path / common.LOCK)
+
+
+def test_read_only_lock_is_one_line(tmp_path, monkeypatch):
+    _fail_at(monkeypatch, os, 'open', OSError(errno.EROFS, 'Read-only file system'),
+             lambda path, *a: str(path).endswith(common.LOCK))
+    with pytest.raises(common.RunStopped, match=r'writing the run lock \(.*run.lock\) failed: the file system is '
+                                                r'read-only; there is no checkpoint yet; use a writable workdir'):
+        _run(tmp_path, total_steps=2)
+
+
+def test_storage_cause_reads_tensorstore_errors():
+    from sce_mae_jax import errors
+    e = ValueError('PERMISSION_DENIED: Error opening "zarr" driver: Error writing local file "/w/c/2.orbax-'
+                   'checkpoint-tmp/state/_sharding": Failed to open: Permission denied')
+    assert errors.storage_cause(e) == (errno.EACCES, '/w/c/2.orbax-checkpoint-tmp/state/_sharding')
+    wrapped = RuntimeError('save failed')
+    wrapped.__cause__ = OSError(errno.EROFS, 'Read-only file system', '/w/m')
+    assert errors.storage_cause(wrapped) == (errno.EROFS, '/w/m')
+    assert errors.storage_cause(ValueError('shape mismatch')) is None
 
 
 # ---------------------------------------------------------------------------------------------- from the command line
