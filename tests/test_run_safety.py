@@ -5,6 +5,7 @@ import errno
 import logging
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -20,7 +21,7 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 
-from conftest import losses, run_main
+from conftest import REPO, losses, run_main
 from sce_mae_jax.data import pipeline
 from sce_mae_jax.train import common
 
@@ -422,6 +423,34 @@ def test_full_disk_in_the_background_commit_is_a_clear_error(tmp_path, monkeypat
     monkeypatch.setattr(os, 'rename', real_rename)
     assert _steps(tmp_path)[-2:] == [2, 4] and all(_finite_params(tmp_path, s) for s in _steps(tmp_path))
     assert _run(tmp_path, total_steps=10, keep=3)['step'] == 10
+
+
+_FULL_DISK_MAIN = """
+import shutil, sys
+from absl import app, flags
+from sce_mae_jax import main
+real = shutil.disk_usage
+calls = []
+def disk_usage(path):  # the disk fills after the first checkpoint
+    calls.append(path)
+    return real(path)._replace(free=0) if len(calls) > 1 else real(path)
+shutil.disk_usage = disk_usage
+flags.mark_flags_as_required(['config', 'workdir'])
+app.run(main.main, flags_parser=main.parse_flags)
+"""
+
+
+def test_main_full_disk_exits_with_one_line_and_no_traceback(tmp_path, tiny_pretrain_args):
+    env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONUNBUFFERED='1')
+    proc = subprocess.run([sys.executable, '-c', _FULL_DISK_MAIN, *tiny_pretrain_args, f'--workdir={tmp_path}',
+                           '--config.total_steps=4', '--config.checkpoint_every=2'], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and 'Traceback' not in proc.stderr, proc.stderr[-3000:]
+    assert re.fullmatch(
+        rf'error: writing checkpoint 2 \({tmp_path}/checkpoints\) would fail: the disk is full \(0.0 MiB free, a '
+        rf'checkpoint needs about \d+\.\d MiB\); the newest intact checkpoint is step 1 '
+        rf'\({tmp_path}/checkpoints/1\); free space and rerun to resume', proc.stderr.strip().splitlines()[-1])
+    assert _steps(tmp_path) == [1] and _records(tmp_path) == [1, 2] and not os.path.exists(tmp_path / common.LOCK)
 
 
 def test_main_refuses_a_workdir_in_use(tmp_path, tiny_pretrain_args):
