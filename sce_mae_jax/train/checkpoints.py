@@ -156,7 +156,7 @@ def save_checkpoint(mngr, step: int, state, data_iter=None, force: bool = False)
 
 
 def state_bytes(tree) -> int:
-    return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree)))
+    return int(sum(getattr(x, 'nbytes', 8) for x in jax.tree.leaves(tree)))
 
 
 def preflight(mngr, step: int, needed: int) -> None:
