@@ -18,9 +18,12 @@ def problem(workdir: str) -> str | None:
         return (f'--workdir={workdir} is a file, not a directory; choose another --workdir (or move the file '
                 'away)')
     if os.path.isdir(path):
-        return None if _writable(path) else (
-            f'--workdir={workdir} is not writable ({_why(path)}); make it writable (chmod u+w {path}) or '
-            'choose another --workdir')
+        if _writable(path):
+            return None
+        fix = 'choose another --workdir' if _read_only(path) else f'make it writable (chmod u+w {path}) or ' \
+            'choose another --workdir'
+        return f'--workdir={workdir} is not writable ({_why(path)}); {fix}'
+
     parent = os.path.dirname(path)
     ancestor = parent
     while not os.path.lexists(ancestor):
@@ -32,8 +35,9 @@ def problem(workdir: str) -> str | None:
         return (f'the parent directory of --workdir ({parent}) does not exist; create it first '
                 f'(mkdir -p {parent}) or choose another workdir')
     if not _writable(parent):
-        return (f'--workdir={workdir} cannot be created: its parent {parent} is not writable ({_why(parent)}); '
-                f'create {path} yourself with write permission, or choose another --workdir')
+        fix = 'choose a --workdir on a writable file system' if _read_only(parent) else \
+            f'create {path} yourself with write permission, or choose another --workdir'
+        return f'--workdir={workdir} cannot be created: its parent {parent} is not writable ({_why(parent)}); {fix}'
     return None
 
 
@@ -42,10 +46,12 @@ def _writable(path: str) -> bool:
     return os.access(path, os.W_OK | os.X_OK)
 
 
-def _why(path: str) -> str:
+def _read_only(path: str) -> bool:
     try:
-        if os.statvfs(path).f_flag & os.ST_RDONLY:
-            return 'read-only file system'
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
     except OSError:
-        pass
-    return 'permission denied'
+        return False
+
+
+def _why(path: str) -> str:
+    return 'read-only file system' if _read_only(path) else 'permission denied'

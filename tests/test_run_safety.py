@@ -332,7 +332,7 @@ def test_storage_fault_is_one_line_naming_path_and_checkpoint_and_loses_nothing(
             return real_write(fd, data)
 
         monkeypatch.setattr(os, 'write', write)
-        says = r'writing metrics.jsonl \(.*metrics.jsonl\) failed: the disk is full; the newest intact checkpoint is step'
+        says = r'writing metrics.jsonl \(.*metrics.jsonl\) failed: the disk is full; the newest intact checkpoint is'
     elif fault == 'tensorboard_eacces':
         _fail_at(monkeypatch, EventsWriter, 'write_event', PermissionError(errno.EACCES, 'Permission denied'),
                  lambda self, event: event.step == 5)

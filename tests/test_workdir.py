@@ -49,3 +49,13 @@ def test_main_refuses_a_file_workdir_before_jax_starts(tmp_path):
     assert proc.stderr.strip().splitlines() == [f'error: --workdir={tmp_path / "f"} is a file, not a directory; '
                                                 'choose another --workdir (or move the file away)'], proc.stderr
     assert (tmp_path / 'f').read_text() == 'x'
+
+
+def test_read_only_file_system(tmp_path, monkeypatch):
+    (tmp_path / 'run').mkdir()
+    monkeypatch.setattr(os, 'access', lambda path, mode: False)
+    monkeypatch.setattr(os, 'statvfs', lambda path: type('Vfs', (), {'f_flag': os.ST_RDONLY})())
+    assert workdir.problem(str(tmp_path / 'run')).endswith('is not writable (read-only file system); choose '
+                                                           'another --workdir')
+    assert workdir.problem(str(tmp_path / 'new')).endswith(f'its parent {tmp_path} is not writable (read-only file '
+                                                           'system); choose a --workdir on a writable file system')

@@ -37,7 +37,13 @@ def checkpoint_manager(workdir: str, *, max_to_keep: int, save_interval_steps: i
     first: orbax's background writer would otherwise fail on it and leave the run waiting for minutes."""
     import grain  # local: grain's checkpoint handler registration
     directory = os.path.join(fileio.resolve(workdir), 'checkpoints')
-    check_writable(directory, newest=lambda: newest_intact(directory))
+    problem = None
+    if jax.process_index() == 0:
+        try:
+            check_writable(directory, newest=lambda: newest_intact(directory))
+        except errors.StorageError as e:
+            problem = e
+    _raise_on_all(problem, f'process 0 cannot write {directory} (its log says why)')
     handlers = {'state': ocp.StandardCheckpointHandler()}
     if with_data_iter:
         handlers['data_iter'] = grain.checkpoint.CheckpointHandler()
@@ -48,8 +54,8 @@ def checkpoint_manager(workdir: str, *, max_to_keep: int, save_interval_steps: i
 
 def check_writable(directory: str, newest=lambda: 'no checkpoint was affected') -> None:
     """Creates `directory` and a file in it (then removes it), or stops with one line saying why not."""
-    if jax.process_index() != 0 or fileio.is_remote(directory):
-        return  # a bucket's permissions show at its first write, which orbax reports at once
+    if fileio.is_remote(directory):  # a bucket's permissions show at its first write, which orbax reports at once
+        return
     probe = os.path.join(directory, f'.write_test.{os.getpid()}')
     with errors.writing('checkpoints', directory, newest):
         fileio.makedirs(directory)
@@ -176,11 +182,15 @@ def preflight(mngr, step: int, needed: int) -> None:
                 f'writing checkpoint {step} ({directory}) would fail: the disk is full ({free / 2**20:.1f} MiB '
                 f'free, a checkpoint needs about {needed / 2**20:.1f} MiB); {newest_intact(directory)}; free '
                 'space and rerun to resume')
+    _raise_on_all(problem, f'process 0 cannot write checkpoint {step} to {directory} (its log says why)')
+
+
+def _raise_on_all(problem: Exception | None, elsewhere: str) -> None:
+    """Raises process 0's `problem` on every process, so none is left waiting for the others in orbax."""
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
         if bool(multihost_utils.broadcast_one_to_all(np.int32(problem is not None))) and problem is None:
-            problem = errors.StorageError(f'process 0 cannot write checkpoint {step} to {directory} (its log '
-                                          'says why); rerun to resume once it can')
+            problem = errors.StorageError(f'{elsewhere}; rerun to resume once it can')
     if problem is not None:
         raise problem
 
