@@ -139,9 +139,10 @@ def carb(size: str, arg: str | None, *, dim: int, eta: float) -> ml_collections.
     # the frozen backbone's architecture: must be the stage-1 model's (init_from is checked against it)
     c.model = dict(**DEIT[SIZES[size]], mlp_ratio=4.0, patch_size=8, image_size=96, dtype='float32')
     # out_dim: descriptor width; hidden: widths of ReLU layers before the output (none: CL's single layer);
-    # kernel_size > 1: spatial convolutions; activation 'softmax' (CL's, method.md §2.5, corrected): 1x1 conv,
-    # then softmax × softmax_scale over the positions of each channel; 'linear': the plain per-position map
-    c.projector = dict(out_dim=a.dim, hidden=(), kernel_size=1, activation='softmax', softmax_scale=7.0)
+    # kernel_size > 1: spatial convolutions; activation 'linear' (the plain per-position map: the best of the
+    # projector study, docs/results.md) or 'softmax' (CL's, the paper's recipe, method.md §2.5: 1x1 conv, then
+    # softmax × softmax_scale over the positions of each channel)
+    c.projector = dict(out_dim=a.dim, hidden=(), kernel_size=1, activation='linear', softmax_scale=7.0)
     c.carb = dict(
         objective='lcr',     # 'lcr' (SCE-MAE) or 'lead' (LEAD's correspondence-distribution matching)
         split=a.split,       # attentive split criterion, carb.SPLITS: 'cls' is eq. 1 (docs/ablations.md)
