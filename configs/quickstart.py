@@ -1,18 +1,22 @@
-r"""Quick start: the whole method on the embedded synthetic faces, small enough for a 2-core CPU (~10 min).
+r"""Quick start: the whole method on the embedded synthetic faces, small enough for a 2-core CPU.
 
     python -m sce_mae_jax.main --config=configs/quickstart.py --workdir=/tmp/sce_mae_quickstart
 
+On `synthetic_wild` (faces anywhere in the crop; `:data=synthetic` for the aligned, CelebA-like faces):
 1. Stage 1 pretrains a tiny MAE (4 blocks of 96-d, decoder 64-d x 1) for 1,800 steps of batch 32 into
    WORKDIR/stage1 (figures/: reconstructions).
-2. Stage 2 trains a 64-d CARB + LCR projector on it for 150 steps into WORKDIR/stage2 (figures/: the token
-   split), and the same stage 2 on an untrained backbone into WORKDIR/stage2_random_init (the control).
+2. Stage 2 trains a 64-d CARB + LCR projector on it for 150 steps, once per seed of `stage2_seeds` (0, 1, 2:
+   WORKDIR/stage2, stage2_seed1, stage2_seed2; reported as mean ± std), and the same stage 2 on an untrained
+   backbone into WORKDIR/stage2_random_init (the control).
 3. Landmark matching on 200 + 200 synthetic pairs and landmark detection (5 and 68 points) with small
    regressors, every row of the paper's tables plus controls, into WORKDIR/results.json, WORKDIR/report.md and
    WORKDIR/figures/.
-Expect `mae` well below `random_init` and `pixels` on different-identity matching, and about level with
-`positions` (a descriptor that knows only where it is): on these centred synthetic faces a location prior is
-most of what a short stage 1 learns (docs/results.md). Rerunning resumes; finished parts are not redone.
-Change a part with e.g. --config.stage1.total_steps=1000 or --config.evals.matching.num_images=1000.
+Expect (docs/results.md, 2026-12-02): `mae` below `random_init` and `pixels` on different-identity matching but
+level with `positions` (~17 px: a short stage 1 learns little beyond position), `sce_mae` (linear projector)
+slightly below `mae` there; at detection every learned row far below `positions` and `mean_shape`.
+`:study=projector` / `:study=table4` train the stage-2 variants of config_lib.STUDIES beside the default and
+compare them at matching. Rerunning resumes; finished parts are not redone. Change a part with e.g.
+--config.stage1.total_steps=1000 or --config.evals.matching.num_images=1000.
 """
 import ml_collections
 

@@ -5,13 +5,16 @@ r"""The synthetic benchmark: the whole method at a size that takes about an hour
 The quick start's layout (configs/quickstart.py) with a larger model and the paper's evaluation sizes:
 1. Stage 1: an MAE with DeiT-T's width and heads at half its depth (6 blocks of 192-d, decoder 128-d x 2),
    2,400 steps of batch 64 (≈ 3 epochs of the 50,000-image synthetic pretrain split) into WORKDIR/stage1.
-2. Stage 2: the paper's CARB + LCR recipe (64-d projector, η = 0.1, K_c = 4, batch 32) for 500 steps into
-   WORKDIR/stage2, and the same on an untrained backbone into WORKDIR/stage2_random_init (the control).
+2. Stage 2: CARB + LCR (64-d linear projector, η = 0.1, K_c = 4, batch 32) for 500 steps, once per seed of
+   `stage2_seeds` (WORKDIR/stage2, stage2_seed1, stage2_seed2), and the same on an untrained backbone into
+   WORKDIR/stage2_random_init (the control).
 3. Matching on 500 + 500 synthetic pairs (the paper's 1,000 images), detection of 5 and 68 points (regressors
    of 300 steps on the 5,000 training faces, tested on all 1,000 test faces), and limited annotations (1, 10
    and 100 faces x 3 seeds, 50 steps each) for mae and sce_mae, into WORKDIR/results.json,
    WORKDIR/report.md and WORKDIR/figures/.
-docs/results.md has the numbers this made and what they show. Rerunning resumes; finished parts are not redone.
+On `synthetic_wild` by default (`:data=synthetic` for the aligned faces; `:study=table4|projector` as the quick
+start). docs/results.md has the numbers it made on the aligned faces (2026-12-01); it has not been run on
+`synthetic_wild` yet. Rerunning resumes; finished parts are not redone.
 """
 import ml_collections
 
