@@ -96,6 +96,9 @@ def test_interrupted_run_resumes_to_identical_losses(tmp_path, tiny_pretrain_arg
     assert chatter == [], err
     straight, resumed = losses(tmp_path / 'straight'), losses(tmp_path / 'resumed')
     assert sorted(resumed) == sorted(straight) == list(range(1, 81))
+    for run in ('straight', 'resumed'):  # one record per step, in order: none redone after the kill, none twice
+        with open(tmp_path / run / 'metrics.jsonl') as f:
+            assert [json.loads(line)['step'] for line in f] == list(range(1, 81)), run
     np.testing.assert_array_equal([resumed[s] for s in straight], [straight[s] for s in straight])
 
 

@@ -309,6 +309,7 @@ def _loop(config, mngr, writer, state, step_fn, data_iter, batch_sharding, total
             break
     if pending is not None:
         writer.write(*pending[:2])
+        pending = None
     if step == total_steps and mngr.latest_step() != step:
         save(step, force=True)
     finite.check(mngr)
