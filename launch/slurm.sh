@@ -6,7 +6,9 @@
 #   launch/slurm.sh [--dry_run] [--nodes=2] [--gpus_per_node=8] [--partition=P] [--account=A] [--time=24:00:00]
 #                   [--venv=PATH] CONFIG WORKDIR [--config.x=y ...]
 # WORKDIR must be on a filesystem every node mounts. Writes WORKDIR/slurm/job.sbatch and submits it;
-# --dry_run prints the script and the sbatch command instead.
+# --dry_run prints the script and the sbatch command instead. A preempted run (SIGTERM: main.py writes a final
+# checkpoint and exits with 143 = 128 + 15) is requeued and resumes from that checkpoint; any other failure is
+# not retried.
 set -euo pipefail
 source "$(dirname "$0")/common.sh"
 dry='' nodes=2 gpus=8 partition='' account='' time_limit='24:00:00' venv=''
@@ -45,6 +47,8 @@ sbatch_script() {
   echo "#SBATCH --gpus-per-node=$gpus"
   echo "#SBATCH --time=$time_limit"
   echo "#SBATCH --output=$workdir/slurm/%j.out"
+  echo "#SBATCH --open-mode=append"
+  echo "#SBATCH --requeue"
   [[ -n $partition ]] && echo "#SBATCH --partition=$partition"
   [[ -n $account ]] && echo "#SBATCH --account=$account"
   echo 'set -euo pipefail'
@@ -54,7 +58,10 @@ sbatch_script() {
     echo "[[ -f $(quote "$venv/bin/activate") ]] || { echo $(quote "error: no venv at $venv (--venv)") >&2; exit 1; }"
     echo "source $(quote "$venv")/bin/activate"
   fi
-  echo "srun python -m sce_mae_jax.main --distributed $(quote --config="$config" --workdir="$workdir" "$@")"
+  echo "status=0"
+  echo "srun python -m sce_mae_jax.main --distributed $(quote --config="$config" --workdir="$workdir" "$@") || status=\$?"
+  echo 'if [[ $status -eq 143 ]]; then scontrol requeue "$SLURM_JOB_ID"; fi  # preempted: resume from its checkpoint'
+  echo 'exit $status'
 }
 
 if [[ -n $dry ]]; then

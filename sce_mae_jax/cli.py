@@ -23,12 +23,27 @@ from sce_mae_jax.errors import ConfigError
 class _QuietLibraries:
     """At the default verbosity, drops orbax's INFO records (dozens per checkpoint save or restore) and its warning
     that a restore left out the data iterator (loading parameters leaves it out on purpose), so that progress,
-    results and real warnings stay readable; `--verbosity=1` shows them all."""
+    results and real warnings stay readable; `--verbosity=1` shows them all. Without `--verbose`, orbax's error
+    records lose their tracebacks and keep their first line: a failed write is reported once, in the line main
+    ends with."""
 
     def filter(self, record):
-        if logging.get_verbosity() >= 1 or 'orbax' not in record.pathname:
+        if 'orbax' not in record.pathname:
+            return True
+        if record.levelno >= 40 and not _verbose():
+            message = record.getMessage()
+            record.msg, record.args = (message.splitlines()[0][:300] if message else ''), ()
+            record.exc_info = record.exc_text = None
+        if logging.get_verbosity() >= 1:
             return True
         return record.levelno > 20 and not record.getMessage().startswith('Item "data_iter" was found')
+
+
+def _verbose() -> bool:
+    try:
+        return bool(flags.FLAGS.verbose)
+    except (AttributeError, flags.UnparsedFlagAccessError):  # a command without main's --verbose flag
+        return False
 
 
 def quiet_library_logs() -> None:

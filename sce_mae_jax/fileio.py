@@ -102,9 +102,11 @@ def save_png(path, image) -> None:
 
 
 class AppendLog:
-    """A text file that grows by lines (metrics.jsonl). Locally it is opened for appending, line-buffered, as
-    any log. On a bucket, which cannot append, the whole file (what was there before plus the new lines) is
-    rewritten by `flush`: every line is in the bucket after `flush` or `close`."""
+    """A text file that grows by lines (metrics.jsonl). Locally each `write` goes to the file in one call,
+    unbuffered, so a killed process leaves only whole lines; a write that fails part way (a full disk) is cut
+    back off, so the file never ends in half a line. On a bucket, which cannot append, the whole file (what
+    was there before plus the new lines) is rewritten by `flush`: every line is in the bucket after `flush`
+    or `close`."""
 
     def __init__(self, path: str):
         self.path = str(path)
@@ -113,24 +115,36 @@ class AppendLog:
             self._text = io.StringIO()
             if exists(self.path):
                 self._text.write(read_text(self.path))
-            self._f = None
+            self._fd = None
         else:
-            self._f = open(self.path, 'a', buffering=1)
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
 
     def write(self, line: str) -> None:
-        (self._text if self.remote else self._f).write(line)
+        if self.remote:
+            self._text.write(line)
+            return
+        data, start = line.encode(), os.fstat(self._fd).st_size
+        try:
+            done = 0
+            while done < len(data):
+                done += os.write(self._fd, data[done:])
+        except BaseException:
+            try:
+                os.ftruncate(self._fd, start)
+            except OSError:
+                pass  # the error being raised says more
+            raise
 
     def flush(self) -> None:
         if self.remote:
             _p(self.path).write_text(self._text.getvalue())
-        else:
-            self._f.flush()
 
     def close(self) -> None:
         if self.remote:
             self.flush()
-        else:
-            self._f.close()
+        elif self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 class Mirror:

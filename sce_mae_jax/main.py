@@ -7,12 +7,13 @@ several processes by hand (or in tests) pass the coordinator address, process co
 """
 from __future__ import annotations
 
+import os
 import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from sce_mae_jax import cli, jobs
+from sce_mae_jax import cli, errors, fileio, jobs
 from sce_mae_jax.errors import ConfigError
 
 config_flags.DEFINE_config_file('config', None, 'Job config file (configs/*.py[:arg]).', lock_config=True)
@@ -22,7 +23,7 @@ flags.DEFINE_bool('distributed', False, 'Call jax.distributed.initialize() with 
 flags.DEFINE_string('coordinator_address', None, 'host:port of process 0, for a hand-launched multi-process run.')
 flags.DEFINE_integer('num_processes', 1, 'With --coordinator_address: number of processes.')
 flags.DEFINE_integer('process_id', 0, 'With --coordinator_address: this process.')
-
+flags.DEFINE_bool('verbose', False, 'On an error, print its traceback before the one-line message.')
 
 
 def user_errors() -> tuple[type, ...]:
@@ -33,6 +34,10 @@ def user_errors() -> tuple[type, ...]:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+    from sce_mae_jax import workdir
+    message = workdir.problem(FLAGS.workdir)  # before JAX starts: a bad path costs a second, not a compile
+    if message is not None:
+        sys.exit(f'error: {message}')
     cli.quiet_library_logs()
     import jax
     if FLAGS.coordinator_address:
@@ -49,17 +54,53 @@ def main(argv):
     logging.vlog(1, 'config:\n%s', config)
     from sce_mae_jax import fileio
     new_workdir = not fileio.exists(FLAGS.workdir)
+    from sce_mae_jax.train import common
     try:
-        from sce_mae_jax.train import common
         with common.workdir_lock(FLAGS.workdir):  # a second run on this workdir stops here
             jobs.run(config, FLAGS.workdir)
-    except user_errors() as e:
-        logging.error('%s', e)
+    except Exception as e:  # pylint: disable=broad-except
+        message = _one_line(e)
+        if message is None:
+            raise
+        if FLAGS.verbose:
+            logging.exception('the error below, with its traceback (--verbose)')
+        logging.error('%s', message)
         # bad input writes nothing: the workdir this run made only to hold its lock goes again
-        if new_workdir and jax.process_index() == 0 and fileio.isdir(FLAGS.workdir) \
-                and not fileio.listdir(FLAGS.workdir):
-            fileio.rmtree(FLAGS.workdir)
-        sys.exit(f'error: {e}')
+        try:
+            if new_workdir and jax.process_index() == 0 and fileio.isdir(FLAGS.workdir) \
+                    and not fileio.listdir(FLAGS.workdir):
+                fileio.rmtree(FLAGS.workdir)
+        except OSError:
+            pass
+        _exit(1, f'error: {message}', quick=errors.storage_cause(e) is not None)
+    signum = common.preempted_by()
+    if signum is not None:  # after the final checkpoint: tells a scheduler to requeue (launch/slurm.sh does)
+        _exit(128 + signum, f'stopped by signal {signum} after checkpointing; exit status {128 + signum} '
+              '(preempted); rerun the same command to resume', quick=False)
+
+
+def _one_line(e: BaseException) -> str | None:
+    """The one-line message for an error the user can act on; None for a bug (its traceback is printed)."""
+    if isinstance(e, user_errors()):
+        return str(e)
+    found = errors.storage_cause(e)
+    if found is None:
+        return None
+    from sce_mae_jax.train import checkpoints
+    code, path = found
+    return errors.storage_message(code, path, 'a file of the workdir', checkpoints.newest_intact(
+        os.path.join(fileio.resolve(FLAGS.workdir), 'checkpoints')))
+
+
+def _exit(status: int, line: str, quick: bool):
+    """Exits with `line` on stderr. After a refused write (`quick`), without the interpreter's shutdown: the
+    asynchronous checkpoint writer's leftover tasks would print pages of tracebacks about the same error."""
+    print(line, file=sys.stderr, flush=True)
+    if quick:
+        logging.flush()
+        sys.stdout.flush()
+        os._exit(status)
+    sys.exit(status)
 
 
 FLAGS = flags.FLAGS

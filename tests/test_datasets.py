@@ -354,6 +354,15 @@ def test_missing_image_is_named(tmp_path):
         sources.get_source('mafl', 'test', manual_dir=tmp_path, data_dir=tmp_path / 'out')
 
 
+@pytest.mark.parametrize('name, split, image', [('celeba', 'pretrain', '000001'), ('mafl', 'test', '000003')])
+def test_wrong_image_size_names_the_file(tmp_path, name, split, image):
+    make_celeba(tmp_path)
+    save(tmp_path / f'Img/img_align_celeba/{image}.jpg', draw_dots(200, 200, celeba_points(0), 4))
+    with pytest.raises(DatasetError, match=rf'img_align_celeba/{image}\.jpg: aligned CelebA images are 178x218.*'
+                                           r'got 200x200'):
+        sources.get_source(name, split, manual_dir=tmp_path, data_dir=tmp_path / 'out')
+
+
 def test_malformed_files(tmp_path):
     make_w300(tmp_path / 'w')
     pts = tmp_path / 'w/afw/111_1.pts'

@@ -85,7 +85,12 @@ def test_slurm_script_runs_one_task_per_gpu_with_distributed():
     (srun,) = [line for line in lines if line.startswith('srun ')]
     assert shlex.split(srun) == ['srun', 'python', '-m', 'sce_mae_jax.main', '--distributed',
                                  '--config=configs/mae_deit_b.py:data=celeba', '--workdir=/shared/runs/b',
-                                 '--config.batch_size=1024']
+                                 '--config.batch_size=1024', '||', 'status=$?']
+    # preemption (exit 143 after the final checkpoint) requeues the job; other failures end it
+    assert '#SBATCH --requeue' in lines and '#SBATCH --open-mode=append' in lines
+    after = lines[lines.index(srun) + 1:]
+    assert after[0].startswith('if [[ $status -eq 143 ]]; then scontrol requeue "$SLURM_JOB_ID"; fi')
+    assert after[1] == 'exit $status'
     assert lines[-1] == 'sbatch /shared/runs/b/slurm/job.sbatch'
     assert not os.path.exists('/shared/runs/b')  # a dry run writes nothing
 

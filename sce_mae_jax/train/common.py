@@ -7,7 +7,6 @@ the SPMD form of a pmapped step and runs unchanged on 1 CPU, simulated devices, 
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import os
 import signal
@@ -18,14 +17,18 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 from absl import logging
 from clu import parameter_overview
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from sce_mae_jax import fileio
-from sce_mae_jax import errors
+from sce_mae_jax import errors, fileio
+from sce_mae_jax import workdir as workdir_lib
 from sce_mae_jax.errors import ConfigError, RunStopped  # noqa: F401  (re-exported: jobs raise common.*)
+from sce_mae_jax.train import checkpoints
+# re-exported: the trainers, evaluations and tests reach the checkpoint functions as common.*
+from sce_mae_jax.train.checkpoints import (  # noqa: F401
+    CORRUPT, abstract_like, checkpoint_manager, has_checkpoint, load_params, local_target, restore_checkpoint,
+    restore_latest, restore_tree, save_checkpoint, shape_mismatches)
 
 
 # ---------------------------------------------------------------------------------------------- mesh & batches
@@ -57,166 +60,98 @@ def replicate(tree, mesh):
     return jax.device_put(tree, replicated(mesh))
 
 
-# ---------------------------------------------------------------------------------------------- checkpoints
-def checkpoint_manager(workdir: str, *, max_to_keep: int, save_interval_steps: int,
-                       with_data_iter: bool = True) -> ocp.CheckpointManager:
-    """Asynchronous orbax manager. Orbax writes each step into a temporary directory and renames it only once
-    complete, so a crash never leaves a half-written latest checkpoint."""
-    import grain  # local: grain's checkpoint handler registration
-    handlers = {'state': ocp.StandardCheckpointHandler()}
-    if with_data_iter:
-        handlers['data_iter'] = grain.checkpoint.CheckpointHandler()
-    opts = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, save_interval_steps=save_interval_steps,
-                                        enable_async_checkpointing=True, create=True)
-    return ocp.CheckpointManager(os.path.join(fileio.resolve(workdir), 'checkpoints'), options=opts,
-                                 item_handlers=handlers)
-
-
-def save_checkpoint(mngr, step: int, state, data_iter=None, force: bool = False) -> bool:
-    import grain
-    args = {'state': ocp.args.StandardSave(state)}
-    if data_iter is not None:
-        args['data_iter'] = grain.checkpoint.CheckpointSave(data_iter)
-    return mngr.save(step, args=ocp.args.Composite(**args), force=force)
-
-
-def shape_mismatches(saved_meta, abstract, prefix=''):
-    """Lists 'path: checkpoint shape vs config shape' for leaves that differ (bounded)."""
-    out = []
-    flat_a = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_flatten_with_path(abstract)[0]}
-    flat_s = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_flatten_with_path(saved_meta)[0]}
-    for k in sorted(set(flat_a) | set(flat_s)):
-        a, s = flat_a.get(k), flat_s.get(k)
-        sa = None if a is None else tuple(getattr(a, 'shape', ()))
-        ss = None if s is None else tuple(getattr(s, 'shape', ()))
-        if sa != ss:
-            out.append(f'{prefix}{k}: checkpoint {ss} vs config {sa}')
-    return out
-
-
-def has_checkpoint(workdir: str) -> bool:
-    """Whether `workdir` holds a finished checkpoint (orbax's temporary directories don't count)."""
-    d = os.path.join(workdir, 'checkpoints')
-    return fileio.isdir(d) and any(n.isdigit() for n in fileio.listdir(d))
-
-
-def restore_checkpoint(mngr, step: int, abstract_state, data_iter=None):
-    """Restores `state` (onto the shardings carried by `abstract_state`) and the iterator, in place.
-
-    A checkpoint from another model size stops with a message listing the differing parameters instead of
-    orbax's internal shape error.
-    """
-    import grain
-    meta = mngr.item_metadata(step)
-    saved = meta['state'] if meta is not None and 'state' in meta else None
-    if saved is not None and 'params' in saved:
-        # params alone identify the model; optax states' metadata paths differ from their live pytree paths
-        bad = shape_mismatches(saved['params'], abstract_state['params'], prefix="['params']")
-        if bad:
-            raise ConfigError(
-                f'checkpoint {mngr.directory}/{step} does not fit this config (a different model size or '
-                f'optimiser?): ' + '; '.join(bad[:6]) + (f' ... ({len(bad)} in all)' if len(bad) > 6 else '') +
-                '. Use a fresh --workdir, or the config that wrote it.')
-    args = {'state': ocp.args.StandardRestore(abstract_state)}
-    if data_iter is not None:
-        args['data_iter'] = grain.checkpoint.CheckpointRestore(data_iter)
-    return mngr.restore(step, args=ocp.args.Composite(**args))['state']
-
-
-def abstract_like(tree, shardings):
-    """ShapeDtypeStructs of `tree` carrying the matching leaf of `shardings`: orbax restores onto them."""
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
-
-
-def local_target(metadata):
-    """ShapeDtypeStructs on this process's first device for a checkpoint's metadata tree, so a checkpoint
-    written by any number of processes restores in any other run (the shardings it saved name devices this
-    process may not have; restoring onto them fails with 'no addressable shards')."""
-    dev = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    return jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=dev), metadata)
-
-
-def restore_tree(path: str):
-    """A tree saved with `ocp.StandardCheckpointer` (e.g. a stage-2 `backbone/`), as NumPy arrays."""
-    ckptr = ocp.StandardCheckpointer()
-    tree = ckptr.restore(path, local_target(ckptr.metadata(path).item_metadata))
-    return jax.tree.map(np.asarray, tree)
-
-
-def load_params(path: str) -> dict:
-    """Parameters from a workdir (its latest checkpoint), a `checkpoints/` dir, or one step directory.
-
-    Used for `init_from`: a stage-1 workdir or the output of `python -m sce_mae_jax.convert`.
-    """
-    path = fileio.resolve(path)
-    if not fileio.exists(path):
-        raise ConfigError(f'init_from={path} does not exist; give a stage-1 workdir, its checkpoints/ directory, '
-                          'or a converted checkpoint directory (python -m sce_mae_jax.convert)')
-    ckpt_dir, step = path, None
-    if fileio.isdir(os.path.join(path, 'checkpoints')):
-        ckpt_dir = os.path.join(path, 'checkpoints')
-    elif os.path.basename(path).isdigit() and fileio.isdir(os.path.join(path, 'state')):
-        ckpt_dir, step = os.path.dirname(path), int(os.path.basename(path))
-    mngr = ocp.CheckpointManager(ckpt_dir, item_handlers={'state': ocp.StandardCheckpointHandler()})
-    step = mngr.latest_step() if step is None else step
-    if step is None:
-        raise ConfigError(f'no checkpoint found under {ckpt_dir} (expected numbered step directories holding '
-                          '`state/`, as written by training or by sce_mae_jax.convert)')
-    target = local_target(mngr.item_metadata(step)['state'])
-    state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))['state']
-    mngr.close()
-    if 'params' not in state:
-        raise ConfigError(f'checkpoint {ckpt_dir}/{step} has no `params` entry (keys: {sorted(state)})')
-    return jax.tree.map(np.asarray, state['params'])
-
-
 # ---------------------------------------------------------------------------------------------- metrics
 class MetricWriter:
     """Console, `metrics.jsonl` (one object per logged step) and TensorBoard events, from process 0 only.
 
-    TensorBoard files come from tensorboardX, which needs no TensorFlow (clu.metric_writers imports TF).
-    In a bucket workdir (gs://) both are written locally and copied up at most every `sync_seconds` and at
-    `close` (buckets cannot append): a crash loses at most that much of the log, never a checkpoint.
+    `metrics.jsonl` holds one record per logged step, in order, always parseable: each line is written whole
+    (`fileio.AppendLog`), and on opening a resumed run the records after the restored step `resume_step` (and
+    any line a crash cut short) are dropped, so steps redone after a kill are not logged twice.
+    TensorBoard events are written on this thread with tensorboardX's record writer (which needs no
+    TensorFlow): its SummaryWriter writes from a thread of its own, where a full disk kills the thread and
+    then blocks the loop on a full queue. In a bucket workdir (gs://) both are written locally and copied up
+    at most every `sync_seconds` and at `close` (buckets cannot append): a crash loses at most that much of
+    the log, never a checkpoint. A refused write (full disk, read-only, permissions) stops the run with one
+    line naming the file and `newest()`, the newest intact checkpoint.
     """
 
-    def __init__(self, workdir: str, sync_seconds: float = 30.0):
+    def __init__(self, workdir: str, sync_seconds: float = 30.0, resume_step: int | None = None,
+                 newest=lambda: 'no checkpoint was affected'):
         self.active = jax.process_index() == 0
         self._jsonl = self._tb = self._mirror = None
         self.remote, self.sync_seconds, self._synced = fileio.is_remote(workdir), sync_seconds, time.time()
+        self.path, self.tb_dir = os.path.join(workdir, 'metrics.jsonl'), os.path.join(workdir, 'tb')
+        self.newest = newest
         if self.active:
-            fileio.makedirs(workdir)
-            self._jsonl = fileio.AppendLog(os.path.join(workdir, 'metrics.jsonl'))
-            from tensorboardX import SummaryWriter
-            if self.remote:  # tensorboardX's own gs:// writer needs google-cloud-storage; this needs only epath
-                self._mirror = fileio.Mirror(os.path.join(workdir, 'tb'))
-                self._tb = SummaryWriter(self._mirror.local)
-            else:
-                self._tb = SummaryWriter(os.path.join(workdir, 'tb'))
+            with errors.writing('metrics.jsonl', self.path, newest):
+                fileio.makedirs(workdir)
+                trim_metrics(self.path, resume_step)
+                self._jsonl = fileio.AppendLog(self.path)
+            with errors.writing('TensorBoard events', self.tb_dir, newest):
+                if self.remote:  # tensorboardX's own gs:// writer needs google-cloud-storage; this needs only epath
+                    self._mirror = fileio.Mirror(self.tb_dir)
+                    local = self._mirror.local
+                else:
+                    local = self.tb_dir
+                    fileio.makedirs(local)
+                from tensorboardX.event_file_writer import EventsWriter
+                self._tb = EventsWriter(os.path.join(local, 'events'))
 
     def write(self, step: int, metrics: dict[str, Any]) -> None:
         if not self.active:
             return
+        from tensorboardX.proto.event_pb2 import Event
+        from tensorboardX.summary import scalar
         scalars = {k: float(v) for k, v in metrics.items()}
-        self._jsonl.write(json.dumps({'step': int(step), **scalars}) + '\n')
-        for k, v in scalars.items():
-            self._tb.add_scalar(k, v, int(step))
+        with errors.writing('metrics.jsonl', self.path, self.newest):
+            self._jsonl.write(json.dumps({'step': int(step), **scalars}) + '\n')
+        with errors.writing('TensorBoard events', self.tb_dir, self.newest):
+            for k, v in scalars.items():
+                self._tb.write_event(Event(wall_time=time.time(), step=int(step), summary=scalar(k, v)))
         logging.info('step %d: %s', step, ', '.join(f'{k}={v:.4g}' for k, v in scalars.items()))
         if self.remote and time.time() - self._synced >= self.sync_seconds:
             self.sync()
 
     def sync(self) -> None:
         """Copies the log and the events written so far into a bucket workdir."""
-        self._jsonl.flush()
-        self._tb.flush()
-        self._mirror.sync()
+        with errors.writing('metrics.jsonl', self.path, self.newest):
+            self._jsonl.flush()
+        with errors.writing('TensorBoard events', self.tb_dir, self.newest):
+            self._tb.flush()
+            self._mirror.sync()
         self._synced = time.time()
 
     def close(self) -> None:
         if self.active:
-            self._jsonl.close()
-            self._tb.close()
-            if self._mirror is not None:
-                self._mirror.close()
+            with errors.writing('metrics.jsonl', self.path, self.newest):
+                self._jsonl.close()
+            with errors.writing('TensorBoard events', self.tb_dir, self.newest):
+                self._tb.close()
+                if self._mirror is not None:
+                    self._mirror.close()
+
+
+def trim_metrics(path: str, resume_step: int | None) -> None:
+    """Keeps the whole, parseable records of `path` up to `resume_step` (all whole ones when None)."""
+    if not fileio.exists(path):
+        return
+    text = fileio.read_text(path)
+    kept, dropped = [], 0
+    for line in text.split('\n')[:-1]:  # the piece after the last newline is a cut-short line (or empty)
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            dropped += 1
+            continue
+        if resume_step is not None and isinstance(rec, dict) and rec.get('step', 0) > resume_step:
+            dropped += 1
+            continue
+        kept.append(line + '\n')
+    new = ''.join(kept)
+    if new != text:
+        logging.info('%s: dropped %d records after step %s and %d bytes of a cut-short line', path, dropped,
+                     resume_step, len(text.rsplit('\n', 1)[-1]))
+        fileio.write_text(path, new)
 
 
 def read_metrics(workdir: str) -> list[dict]:
@@ -253,7 +188,7 @@ class PreemptionGuard:
     """
 
     def __init__(self):
-        self.signalled = False
+        self.signalled = None
         for sig in (signal.SIGTERM, signal.SIGINT):
             try:
                 signal.signal(sig, self._handler)
@@ -263,12 +198,21 @@ class PreemptionGuard:
     def _handler(self, signum, frame):
         del frame
         logging.warning('received signal %d: checkpointing and stopping', signum)
-        self.signalled = True
+        self.signalled = signum
 
     def should_stop(self, mngr, step: int) -> bool:
         if jax.process_count() > 1:
             return bool(mngr.reached_preemption(step))
-        return self.signalled or bool(mngr.reached_preemption(step))
+        return self.signalled is not None or bool(mngr.reached_preemption(step))
+
+
+_stopped_by = []  # the signal that stopped a training loop of this process (orbax's preemption: SIGTERM)
+
+
+def preempted_by() -> int | None:
+    """The signal that stopped a loop of this process early, after its final checkpoint; main exits with
+    128 + it, so a scheduler tells "preempted, requeue" from "finished" (0) and "failed" (1)."""
+    return _stopped_by[-1] if _stopped_by else None
 
 
 def train_loop(config, workdir: str, *, state, state_sharding, step_fn, data_iter, batch_sharding, total_steps: int,
@@ -284,40 +228,62 @@ def train_loop(config, workdir: str, *, state, state_sharding, step_fn, data_ite
     with workdir_lock(workdir):
         mngr = checkpoint_manager(workdir, max_to_keep=config.keep_checkpoints,
                                   save_interval_steps=config.checkpoint_every)
+        newest = lambda: checkpoints.newest_intact(mngr.directory)  # noqa: E731
         writer = None
         try:
             restored = restore_latest(mngr, abstract_like(state, state_sharding), data_iter, workdir)
-            state = state if restored is None else restored
-            writer = MetricWriter(workdir)
+            state = state if restored is None else restored.state
+            writer = MetricWriter(workdir, resume_step=0 if restored is None else restored.step, newest=newest)
             # shapes only: statistics would copy every parameter to the host (and span hosts on a pod)
             parameter_overview.log_parameter_overview(state['params'], include_stats=False, jax_logging_process=0,
                                                       msg='trained parameters:')
-            out = _loop(config, mngr, writer, state, step_fn, data_iter, batch_sharding, total_steps, figure_fn)
-            with _checkpoint_io(mngr, out['step']):
+            out = _loop(config, mngr, writer, state, step_fn, data_iter, batch_sharding, total_steps, figure_fn,
+                        FiniteWatch(origin=restored and (restored.step, restored.checksummed)), workdir)
+            with checkpoints.checkpoint_io(mngr, out['step']):
                 mngr.wait_until_finished()
-            return out
-        finally:
-            try:  # an earlier save still in flight completes, so a stopped run keeps it
-                mngr.wait_until_finished()
-            except Exception as e:  # pylint: disable=broad-except  # the error being raised says more
-                logging.warning('while stopping: %s', e)
-            mngr.close()
-            if writer is not None:
-                writer.close()
+        except BaseException:
+            _shut(mngr, writer, failing=True)
+            raise
+        _shut(mngr, writer, failing=False)
+        return out
 
 
-def _loop(config, mngr, writer, state, step_fn, data_iter, batch_sharding, total_steps, figure_fn) -> dict:
+def _shut(mngr, writer, failing: bool) -> None:
+    """Lets an earlier save still in flight complete (so a stopped run keeps it), then closes the manager and
+    the logs. While an error is being raised, a second one here is logged in one line, not raised over it."""
+    steps = [lambda: mngr.wait_until_finished(), mngr.close] + ([writer.close] if writer is not None else [])
+    for step in steps:
+        try:
+            step()
+        except Exception as e:  # pylint: disable=broad-except
+            if not failing:
+                raise
+            logging.warning('while stopping: %s', (str(e).splitlines() or [type(e).__name__])[0][:300])
+
+
+def _loop(config, mngr, writer, state, step_fn, data_iter, batch_sharding, total_steps, figure_fn, finite,
+          workdir) -> dict:
     guard = PreemptionGuard()
     step = int(state['step'])
     meter = Throughput(config.batch_size, total_steps, step)
-    finite = FiniteWatch()
     pending = None
+    # a checkpoint takes about the raw bytes of the state (random floats barely compress) plus metadata
+    needed = checkpoints.state_bytes(state) * 5 // 4 + 2**18
     logging.info('training steps %d → %d on %d devices (%d processes)', step, total_steps, jax.device_count(),
                  jax.process_count())
 
     def save(step, force=False):
+        nonlocal pending
         finite.check(mngr)  # never a checkpoint of a non-finite state, so rotation never drops a finite one
-        with _checkpoint_io(mngr, step):
+        if pending is not None and pending[0] == step:  # a checkpoint never runs ahead of the log
+            writer.write(*pending[:2])
+            pending = None
+        with checkpoints.checkpoint_io(mngr, step):
+            # orbax would wait for the save in flight anyway; waiting here lets its failure surface now and
+            # lets the preflight see the disk as it is
+            mngr.wait_until_finished()
+        checkpoints.preflight(mngr, step, needed)
+        with checkpoints.checkpoint_io(mngr, step):
             save_checkpoint(mngr, step, state, data_iter, force=force)
 
     while step < total_steps:
@@ -332,15 +298,18 @@ def _loop(config, mngr, writer, state, step_fn, data_iter, batch_sharding, total
         if step % config.log_every == 0 or step == total_steps:
             pending = (step, {**metrics, **meter(step)}, finite.snapshot())
         if figure_fn is not None and config.figure_every and step % config.figure_every == 0:
-            figure_fn(step, state, batch)
+            with errors.writing(f'the step-{step} figure', os.path.join(workdir, 'figures'), writer.newest):
+                figure_fn(step, state, batch)
         if mngr.should_save(step):
             save(step)
         if guard.should_stop(mngr, step):
             save(step, force=True)
+            _stopped_by.append(guard.signalled or signal.SIGTERM)
             logging.warning('stopped at step %d after a preemption signal; rerun the same command to resume', step)
             break
     if pending is not None:
         writer.write(*pending[:2])
+        pending = None
     if step == total_steps and mngr.latest_step() != step:
         save(step, force=True)
     finite.check(mngr)
@@ -360,84 +329,48 @@ def _first_nonfinite(first, which, step, metrics):
 
 
 class FiniteWatch:
-    """The first step whose loss or gradient norm was NaN/inf, kept on the device; `check` reads it."""
+    """The first step whose loss or gradient norm was NaN/inf, kept on the device; `check` reads it.
 
-    def __init__(self, first=None, which=None):
+    `origin` is (step, checksummed) of the checkpoint the run resumed from (None: a fresh start). It tells
+    the two causes apart: a restored state that was bad (non-finite at its very first step, from a
+    checkpoint saved without checksums, whose altered values could still be finite), or a run that diverged
+    (from a fresh start or a checkpoint verified against its checksums).
+    """
+
+    def __init__(self, first=None, which=None, origin=None):
         self.first = jnp.int32(-1) if first is None else first
         self.which = jnp.zeros(len(WATCHED), bool) if which is None else which
+        self.origin = origin or None
 
     def update(self, step: int, metrics) -> None:
         self.first, self.which = _first_nonfinite(self.first, self.which, jnp.int32(step), metrics)
 
     def snapshot(self) -> 'FiniteWatch':
-        return FiniteWatch(self.first, self.which)
+        return FiniteWatch(self.first, self.which, self.origin)
 
     def check(self, mngr) -> None:
         first = int(self.first)
         if first < 0:
             return
         names = ' and '.join(k for k, b in zip(WATCHED, np.asarray(self.which)) if b)
+        if self.origin is not None:
+            start, checksummed = self.origin
+            if not checksummed and first == start + 1:
+                bad = os.path.join(str(mngr.directory), str(start))
+                raise RunStopped(
+                    f'step {first}: non-finite {names} at the first step after restoring checkpoint {start}: the '
+                    'restored state is bad (it was saved without checksums, so only its finiteness could be '
+                    f'verified); move {bad} to {os.path.join(os.path.dirname(str(mngr.directory)), CORRUPT)}/ '
+                    'and rerun to resume from the checkpoint before it')
+            since = f'the verified checkpoint at step {start}' if checksummed else f'the checkpoint at step {start}'
+        else:
+            start, since = 0, 'the initial state'
         latest = mngr.latest_step()
-        kept = (f'the last checkpoint, step {latest} in {mngr.directory}, is finite and kept' if latest is not None
+        kept = (f'the last checkpoint, step {latest} in {mngr.directory}, is verified and kept' if latest is not None
                 else 'no checkpoint was written before it')
-        raise RunStopped(f'step {first}: non-finite {names}; stopped without checkpointing it ({kept}). Lower the '
-                         'learning rate (or check the data), then rerun to resume from the last checkpoint')
-
-
-
-@contextlib.contextmanager
-def _checkpoint_io(mngr, step: int):
-    """A write error while checkpointing (full disk, quota, permissions) as one clear message. Orbax writes a
-    step into a temporary directory and renames it when complete, so earlier checkpoints are untouched."""
-    try:
-        yield
-    except RunStopped:
-        raise
-    except Exception as e:  # pylint: disable=broad-except  # orbax may wrap the OSError of its writer thread
-        os_err = errors.cause_of(e, OSError)
-        if os_err is None:
-            raise
-        full = os_err.errno in (errno.ENOSPC, errno.EDQUOT)
-        try:
-            earlier = [s for s in mngr.all_steps() if s != step]
-        except Exception:  # pylint: disable=broad-except
-            earlier = []
-        kept = f'earlier checkpoints ({", ".join(map(str, sorted(earlier)))}) are intact' if earlier else (
-            'there is no earlier checkpoint')
-        what = 'the disk is full' if full else f'{os_err.strerror or os_err}'
-        # orbax finishes a save in the background: the failed write may be an earlier step's, reported now
-        raise RunStopped(f'checkpointing at step {step} failed writing to {mngr.directory}: {what} ({kept}); '
-                         f'{"free space" if full else "fix the workdir"} and rerun to resume') from e
-
-
-def restore_latest(mngr, abstract_state, data_iter, workdir: str):
-    """The newest checkpoint that restores, or None when there is none. A corrupt or half-deleted one is moved
-    to `workdir/corrupt_checkpoints/` with a warning and the one before it is tried, so training resumes from
-    the last good step (and can later write that step number again)."""
-    for step in sorted(mngr.all_steps(), reverse=True):
-        try:
-            logging.info('resuming from %s/%d', mngr.directory, step)
-            return restore_checkpoint(mngr, step, abstract_state, data_iter)
-        except ConfigError:
-            raise  # a checkpoint of another config: moving it aside would lose it
-        except Exception as e:  # pylint: disable=broad-except  # orbax/tensorstore raise many kinds
-            logging.warning('checkpoint %s/%d cannot be restored (%s: %s); moving it to %s and trying the one '
-                            'before it', mngr.directory, step, type(e).__name__, str(e).splitlines()[0][:300],
-                            os.path.join(workdir, 'corrupt_checkpoints'))
-            _move_aside(mngr, step, workdir)
-    return None
-
-
-def _move_aside(mngr, step: int, workdir: str) -> None:
-    if jax.process_index() == 0:
-        dest = os.path.join(workdir, 'corrupt_checkpoints')
-        fileio.makedirs(dest)
-        target = os.path.join(dest, f'{step}_{time.strftime("%Y%m%d-%H%M%S")}')
-        fileio.rename(os.path.join(str(mngr.directory), str(step)), target)
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-        multihost_utils.sync_global_devices(f'corrupt checkpoint {step} moved')
-    mngr.reload()
+        raise RunStopped(f'step {first}: non-finite {names}: training diverged after {first - start - 1} finite '
+                         f'steps from {since}; stopped without checkpointing it ({kept}). Lower the learning rate '
+                         '(or check the data), then rerun to resume from the last checkpoint')
 
 
 LOCK = 'run.lock'
@@ -452,7 +385,13 @@ def workdir_lock(workdir: str):
     ensure_workdir(workdir)
     path = os.path.join(workdir, LOCK)
     take = _take_remote_lock if fileio.is_remote(path) else _take_lock
-    problem, mine = take(path) if jax.process_index() == 0 else (None, False)
+    problem, mine = None, False
+    if jax.process_index() == 0:
+        try:
+            with errors.writing('the run lock', path, lambda: checkpoints.newest_intact(_ckpt_dir(workdir))):
+                problem, mine = take(path)
+        except errors.StorageError as e:  # reported after the other processes hear of it
+            problem = str(e)
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
         refused = bool(multihost_utils.broadcast_one_to_all(np.int32(problem is not None)))
@@ -464,7 +403,14 @@ def workdir_lock(workdir: str):
         yield
     finally:
         if mine:
-            fileio.remove(path)
+            try:
+                fileio.remove(path)
+            except OSError as e:  # the run is over; a lock of a dead process is taken over by the next run
+                logging.warning('could not remove the run lock %s: %s', path, e)
+
+
+def _ckpt_dir(workdir: str) -> str:
+    return os.path.join(fileio.resolve(workdir), 'checkpoints')
 
 
 def _pid_alive(pid) -> bool:
@@ -540,6 +486,7 @@ def _take_remote_lock(path: str) -> tuple[str | None, bool]:
 
 
 def ensure_workdir(workdir: str) -> None:
+    """Creates `workdir`, or stops with one line saying why it cannot be used (`sce_mae_jax.workdir`)."""
     if fileio.is_remote(workdir):  # a bucket has no directories to check; the first write names a bad bucket
         try:
             fileio.makedirs(workdir)
@@ -547,11 +494,11 @@ def ensure_workdir(workdir: str) -> None:
             raise ConfigError(f'--workdir={workdir} needs a file system for its scheme: {e} (for gs://, '
                               'pip install -e ".[gcs]")') from e
         return
-    parent = os.path.dirname(os.path.abspath(workdir))
-    if not os.path.isdir(parent):
-        raise ConfigError(f'the parent directory of --workdir ({parent}) does not exist; create it first '
-                          f'(mkdir -p {parent}) or choose another workdir')
-    fileio.makedirs(workdir)
+    message = workdir_lib.problem(workdir)
+    if message is not None:
+        raise ConfigError(message)
+    with errors.writing('the workdir', workdir, lambda: checkpoints.newest_intact(_ckpt_dir(workdir))):
+        fileio.makedirs(workdir)
 
 
 def prepare_workdir(workdir: str, config) -> None:
@@ -559,7 +506,9 @@ def prepare_workdir(workdir: str, config) -> None:
     since several write into one workdir)."""
     ensure_workdir(workdir)
     if jax.process_index() == 0:
-        fileio.write_text(os.path.join(workdir, 'config.json'), config.to_json_best_effort(indent=2))
+        path = os.path.join(workdir, 'config.json')
+        with errors.writing('config.json', path, lambda: checkpoints.newest_intact(_ckpt_dir(workdir))):
+            fileio.write_text(path, config.to_json_best_effort(indent=2))
 
 
 def tree_size(tree) -> int:

@@ -127,7 +127,13 @@ class LandmarkBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         return {split: self._generate_examples(manual_dir, examples) for split, examples in index.items()}
 
     def _load_one(self, manual_dir: Path, example: Example):
-        image, landmarks = self.preprocess(preprocess.load_rgb(manual_dir / example.image), example)
+        path = manual_dir / example.image
+        try:
+            image, landmarks = self.preprocess(preprocess.load_rgb(path), example)
+        except DatasetError as e:  # the protocol transforms judge pixels and points, not files: name it
+            if str(path) in str(e):
+                raise
+            raise DatasetError(f'{path}: {e}') from None
         if not np.all(np.isfinite(landmarks)):
             raise DatasetError(f'non-finite landmarks for {example.image} under {manual_dir}')
         return image, landmarks
