@@ -36,6 +36,7 @@ def get_config(arg=None):
     s1.log_every = 100
     s1.checkpoint_every = 500
     s1.figure_every = 1000
+    s1.monitor.every = 300     # matching on 100 pairs beside the loss (metrics.jsonl)
 
     s2 = config_lib.carb('t', arg, dim=64, eta=0.1)
     s2.model.update(embed_dim=96, depth=4, num_heads=3)
@@ -44,6 +45,7 @@ def get_config(arg=None):
     s2.log_every = 10
     s2.checkpoint_every = 50
     s2.figure_every = 50
+    s2.monitor.every = 50
 
     matching = config_lib.eval_matching(arg)
     matching.num_images = 400         # 400 images → 400 pairs: 200 same- + 200 different-identity
