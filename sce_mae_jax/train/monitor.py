@@ -23,18 +23,23 @@ from sce_mae_jax.train import common
 def pairs_for(config) -> dict | None:
     """The monitor's pairs: the first of the matching job's pairs for the training data (MAFL's for CelebA).
     None (with one warning) when that set is not prepared: training does not depend on it."""
-    from sce_mae_jax.data.pairs import make_matching_pairs
-    from sce_mae_jax.data.sources import get_source
     # the matching job's own sets (config_lib.eval_matching): a synthetic variant's `match` split, MAFL's test
     data, split = (config.data, 'match') if config.data.startswith('synthetic') else ('mafl', 'test')
     try:
-        source = get_source(data, split, manual_dir=config.manual_dir or None, data_dir=config.data_dir or None,
-                            seed=config.data_seed)
-        pairs = make_matching_pairs(source, num_images=int(config.monitor.pairs), seed=0)
+        return _pairs(data, split, int(config.monitor.pairs), config.manual_dir or None, config.data_dir or None,
+                      config.data_seed)
     except (ConfigError, ValueError, OSError) as e:
         logging.warning('monitor: no %s pairs to match (%s); training goes on without the monitor '
                         '(--config.monitor.every=0 turns it off)', data, str(e).splitlines()[0][:300])
         return None
+
+
+@functools.lru_cache(maxsize=2)  # the quick start trains several runs on the same data in one process
+def _pairs(data, split, num_images, manual_dir, data_dir, seed) -> dict:
+    from sce_mae_jax.data.pairs import make_matching_pairs
+    from sce_mae_jax.data.sources import get_source
+    source = get_source(data, split, manual_dir=manual_dir, data_dir=data_dir, seed=seed)
+    pairs = make_matching_pairs(source, num_images=num_images, seed=0)
     return {k: pairs[k] for k in matching.PAIR_KEYS}
 
 
@@ -54,19 +59,21 @@ def build(config, encoder, mesh, projector=None):
                            stride=encoder.patch_size, block=-1, size=encoder.image_size)
     step = jax.jit(functools.partial(matching.matching_sums, features_fn=fn), in_shardings=(repl, repl, data_sh),
                    out_shardings=repl)
-    source = pipeline.ArraySource(**pairs)
+    # read through the evaluation's pipeline once: the pairs never change, so the sharded batches stay on the
+    # devices (a few MB) and each evaluation is only the jitted program
+    it, _ = pipeline.eval_iterator(pipeline.ArraySource(**pairs), global_batch=batch)
+    batches = [common.global_batch(local, data_sh) for local in it]
 
     def monitor(backbone, proj=None) -> dict[str, float]:
         t0 = time.time()
-        it, _ = pipeline.eval_iterator(source, global_batch=batch)
         totals = None
-        for local in it:
-            sums = step(backbone, proj, common.global_batch(local, data_sh))
+        for b in batches:
+            sums = step(backbone, proj, b)
             totals = sums if totals is None else jax.tree.map(jax.numpy.add, totals, sums)
         totals = jax.tree.map(float, totals)
         out = {f'match_{k}': totals[f'{k}_sum'] / totals[f'{k}_n'] for k in ('same', 'diff') if totals[f'{k}_n']}
         return {**out, 'monitor_s': time.time() - t0}
 
     logging.info('monitor: matching on %d pairs every %d steps (match_same / match_diff, 70-px frame)',
-                 len(source), config.monitor.every)
+                 len(pairs['kind']), config.monitor.every)
     return monitor
