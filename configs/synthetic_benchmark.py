@@ -36,6 +36,7 @@ def get_config(arg=None):
     s1.log_every = 100
     s1.checkpoint_every = 400
     s1.figure_every = 1200
+    s1.monitor.every = 400     # matching on 100 pairs beside the loss (metrics.jsonl)
 
     s2 = config_lib.carb('t', arg, dim=64, eta=0.1)
     s2.model.update(**WIDTH)
@@ -44,6 +45,7 @@ def get_config(arg=None):
     s2.log_every = 25
     s2.checkpoint_every = 250
     s2.figure_every = 250
+    s2.monitor.every = 100
 
     matching = config_lib.eval_matching(arg)
     matching.num_images = 1000        # the paper's 1,000 images → 1,000 pairs: 500 same- + 500 different-identity

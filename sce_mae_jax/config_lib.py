@@ -50,6 +50,10 @@ def run_fields(c: ml_collections.ConfigDict) -> None:
     c.checkpoint_every = 1000  # steps between checkpoints (and one at the end, or on SIGTERM)
     c.keep_checkpoints = 3   # the latest this many are kept
     c.figure_every = 2000    # steps between figures/ PNGs
+    # training monitor (train/monitor.py): matching error on the first `pairs` pairs of the training data's
+    # matching set (MAFL for CelebA) every `every` steps and at the end of a run at least that long, logged as
+    # match_same / match_diff; 0 turns it off
+    c.monitor = dict(every=5000, pairs=100, batch_size=20)
 
 
 def mae(size: str, arg: str | None) -> ml_collections.ConfigDict:

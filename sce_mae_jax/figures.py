@@ -67,21 +67,22 @@ def save_cluster_png(path: str, images_uint8, cluster_id, patch: int, scale: int
                                                         Image.NEAREST)))
 
 
-def read_losses(metrics_jsonl: str) -> tuple[np.ndarray, np.ndarray]:
-    """(steps, losses) of a training workdir's metrics.jsonl; a resumed run's re-logged steps keep the last."""
+def read_losses(metrics_jsonl: str, key: str = 'loss') -> tuple[np.ndarray, np.ndarray]:
+    """(steps, values of `key`) of a training workdir's metrics.jsonl, the steps that logged it; a resumed
+    run's re-logged steps keep the last."""
     import json
     by_step = {}
     for line in fileio.read_text(metrics_jsonl).splitlines():
         rec = json.loads(line) if line.strip() else {}
-        if 'loss' in rec and 'step' in rec:
-            by_step[int(rec['step'])] = float(rec['loss'])
+        if key in rec and 'step' in rec:
+            by_step[int(rec['step'])] = float(rec[key])
     steps = np.array(sorted(by_step))
     return steps, np.array([by_step[s] for s in steps], np.float64)
 
 
-def save_loss_curve_png(path: str, title: str, steps, losses, size=(360, 200)) -> None:
-    """The training loss against the step, with the axes' ranges written on them (PIL only: no plotting
-    library is a dependency)."""
+def save_loss_curve_png(path: str, title: str, steps, losses, size=(360, 200), label: str = 'loss') -> None:
+    """The training loss (or another logged value, named `label`) against the step, with the axes' ranges
+    written on them (PIL only: no plotting library is a dependency)."""
     w, h = size
     left, right, top, bottom = 52, 10, 20, 28
     img = Image.new('RGB', (w, h), (255, 255, 255))
@@ -103,7 +104,7 @@ def save_loss_curve_png(path: str, title: str, steps, losses, size=(360, 200)) -
             d.ellipse([pts[0][0] - 2, pts[0][1] - 2, pts[0][0] + 2, pts[0][1] + 2], fill=(0, 90, 200))
         d.text((2, y0 - 4), f'{hi:.3g}', fill=(0, 0, 0))
         d.text((2, y1 - 8), f'{lo:.3g}', fill=(0, 0, 0))
-        d.text((2, (y0 + y1) // 2 - 5), 'loss', fill=(0, 0, 0))
+        d.text((2, (y0 + y1) // 2 - 5), label, fill=(0, 0, 0))
         d.text((x0, y1 + 3), f'{int(s_lo)}', fill=(0, 0, 0))
         d.text((x1 - int(d.textlength(f'{int(s_hi)}')), y1 + 3), f'{int(s_hi)}', fill=(0, 0, 0))
         d.text(((x0 + x1) // 2 - 12, y1 + 14), 'step', fill=(0, 0, 0))

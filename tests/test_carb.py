@@ -14,9 +14,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sce_mae_jax import carb
+from conftest import REPO, cpu_env
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from sce_mae_jax import carb
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -542,7 +542,7 @@ _SHARDED_SCRIPT = textwrap.dedent('''
 
 
 def test_eight_devices_match_one():
-    env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8', JAX_PLATFORMS='cpu')
+    env = cpu_env(8)
     env['PYTHONPATH'] = REPO + os.pathsep + env.get('PYTHONPATH', '')
     proc = subprocess.run([sys.executable, '-c', _SHARDED_SCRIPT], env=env, capture_output=True, text=True,
                           timeout=300, cwd=REPO)

@@ -13,7 +13,7 @@ import pytest
 from etils.epath import backend as epath_backend
 
 import fake_gcs
-from conftest import REPO, TINY_MODEL
+from conftest import REPO, TINY_MODEL, cpu_env
 
 from sce_mae_jax import fileio
 from sce_mae_jax.train import common
@@ -100,8 +100,7 @@ def test_detection_regressor_settings(workdir):
 def _main(root, cwd, args):
     """`python -m sce_mae_jax.main ARGS` with gs:// under `root`, from an empty `cwd`: a URI handed to os.*
     would show up there as a folder `gs:`."""
-    env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='--xla_force_host_platform_device_count=1',
-               PYTHONUNBUFFERED='1', PYTHONPATH=REPO)
+    env = cpu_env(1, PYTHONUNBUFFERED='1', PYTHONPATH=REPO)
     proc = subprocess.run([sys.executable, os.path.join(REPO, 'tests', 'fake_gcs.py'), root, *args], cwd=cwd,
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]

@@ -12,7 +12,7 @@ import numpy as np
 import optax
 import pytest
 
-from conftest import REPO, TINY_MODEL, run_main
+from conftest import REPO, TINY_FIELDS, cpu_env, run_main, train_here
 from sce_mae_jax import config_lib
 from sce_mae_jax.data import pipeline
 from sce_mae_jax.evals import detection as D
@@ -194,12 +194,10 @@ def test_landmark_check_names_the_missing_key():
 def models(tmp_path_factory):
     """A tiny stage-1 workdir (2 steps) and a stage-2 workdir on it (2 steps): rows mae and sce_mae."""
     root = tmp_path_factory.mktemp('models')
-    run_main(['--config=configs/mae_deit_t.py', *TINY_MODEL, '--config.batch_size=8', '--config.total_steps=2',
-              '--config.figure_every=0', f'--workdir={root / "s1"}'])
-    run_main(['--config=configs/carb_deit_t.py', '--config.model.embed_dim=48', '--config.model.depth=2',
-              '--config.model.num_heads=2', '--config.carb.layer=1', '--config.batch_size=8',
-              '--config.total_steps=2', '--config.figure_every=0', f'--config.init_from={root / "s1"}',
-              f'--workdir={root / "s2"}'])
+    train_here('pretrain', root / 's1', {**TINY_FIELDS, 'batch_size': 8, 'total_steps': 2, 'figure_every': 0})
+    train_here('carb', root / 's2', {'model.embed_dim': 48, 'model.depth': 2, 'model.num_heads': 2, 'carb.layer': 1,
+                                     'batch_size': 8, 'total_steps': 2, 'figure_every': 0,
+                                     'init_from': str(root / 's1')})
     return root / 's1', root / 's2'
 
 
@@ -254,7 +252,7 @@ def _free_port():
 def test_two_processes_match_one_process(detection_run, models, tmp_path):
     wd, _ = detection_run
     args = [*_quick(models, rows="('sce_mae',)"), '--config.only=synthetic_5', f'--workdir={tmp_path}']
-    env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='--xla_force_host_platform_device_count=1')
+    env = cpu_env(1)
     port = _free_port()
     procs = [subprocess.Popen([sys.executable, '-m', 'sce_mae_jax.main', *args,
                                f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2', f'--process_id={i}'],

@@ -9,23 +9,20 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import REPO, TINY_MODEL, run_main
-
-BACKBONE = TINY_MODEL[:3]
-STAGE2 = ['--config=configs/carb_deit_t.py', *BACKBONE, '--config.carb.layer=0', '--config.batch_size=8',
-          '--config.total_steps=3', '--config.figure_every=0']
+from conftest import REPO, TINY_FIELDS, cpu_env, run_main, train_here
 
 
 @pytest.fixture(scope='module')
 def workdirs(tmp_path_factory):
+    """Stage 1 (two seeds) and stage 2 on each and on an untrained backbone, trained in this process."""
     root = tmp_path_factory.mktemp('eval')
-    stage1 = ['--config=configs/mae_deit_t.py', *TINY_MODEL, '--config.batch_size=8', '--config.total_steps=3',
-              '--config.figure_every=0']
-    run_main([*stage1, f'--workdir={root / "s1"}'])
-    run_main([*stage1, '--config.seed=1', f'--workdir={root / "s1_other"}'])
-    run_main([*STAGE2, f'--config.init_from={root / "s1"}', f'--workdir={root / "s2"}'])
-    run_main([*STAGE2, '--config.init_from=random_init', f'--workdir={root / "s2r"}'])
-    run_main([*STAGE2, f'--config.init_from={root / "s1_other"}', f'--workdir={root / "s2_other"}'])
+    stage1 = {**TINY_FIELDS, 'batch_size': 8, 'total_steps': 3, 'figure_every': 0}
+    train_here('pretrain', root / 's1', stage1)
+    train_here('pretrain', root / 's1_other', {**stage1, 'seed': 1})
+    stage2 = {k: TINY_FIELDS[k] for k in ('model.embed_dim', 'model.depth', 'model.num_heads')}
+    stage2.update({'carb.layer': 0, 'batch_size': 8, 'total_steps': 3, 'figure_every': 0})
+    for name, init in (('s2', root / 's1'), ('s2r', 'random_init'), ('s2_other', root / 's1_other')):
+        train_here('carb', root / name, {**stage2, 'init_from': str(init)})
     return root
 
 
@@ -95,7 +92,7 @@ def test_same_numbers_on_one_and_eight_devices_and_two_processes(workdirs, tmp_p
     run_main(_args(workdirs, tmp_path / 'd1'), devices=1)
     run_main(_args(workdirs, tmp_path / 'd8'), devices=8)
     port = _free_port()
-    env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='--xla_force_host_platform_device_count=2')
+    env = cpu_env(2)
     procs = [subprocess.Popen([sys.executable, '-m', 'sce_mae_jax.main', *_args(workdirs, tmp_path / 'p2'),
                                f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2', f'--process_id={i}'],
                               cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -1,6 +1,7 @@
 """Stage-1 training end to end, in subprocesses so each run gets its own simulated device count."""
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -10,7 +11,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import REPO, losses, run_main
+from conftest import REPO, TINY_PRETRAIN, cpu_env, losses, run_main
 
 
 def test_loss_falls(tmp_path, tiny_pretrain_args):
@@ -28,11 +29,19 @@ def test_loss_falls(tmp_path, tiny_pretrain_args):
     assert {'step', 'loss', 'lr', 'grad_norm', 'images_per_s', 'images_per_s_per_device', 'eta_hours'} <= set(rec)
 
 
-def test_four_devices_match_one(tmp_path, tiny_pretrain_args):
-    args = [*tiny_pretrain_args, '--config.total_steps=4']
-    run_main([*args, f'--workdir={tmp_path / "d1"}'], devices=1)
-    run_main([*args, f'--workdir={tmp_path / "d4"}'], devices=4)
-    l1, l4 = losses(tmp_path / 'd1'), losses(tmp_path / 'd4')
+@pytest.fixture(scope='module')
+def one_and_four_devices(tmp_path_factory):
+    """The same 4-step run on 1 and on 4 simulated devices (checkpoints at 2 and 4)."""
+    root = tmp_path_factory.mktemp('devices')
+    args = [*TINY_PRETRAIN, '--config.total_steps=4', '--config.checkpoint_every=2']
+    run_main([*args, f'--workdir={root / "d1"}'], devices=1)
+    run_main([*args, f'--workdir={root / "d4"}'], devices=4)
+    return args, root
+
+
+def test_four_devices_match_one(one_and_four_devices):
+    _, root = one_and_four_devices
+    l1, l4 = losses(root / 'd1'), losses(root / 'd4')
     assert sorted(l1) == [1, 2, 3, 4]
     np.testing.assert_allclose([l4[s] for s in l1], [l1[s] for s in l1], rtol=2e-5)
 
@@ -43,11 +52,10 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def test_two_processes_match_one_process(tmp_path, tiny_pretrain_args):
-    args = [*tiny_pretrain_args, '--config.total_steps=3', '--config.checkpoint_every=3']
-    run_main([*args, f'--workdir={tmp_path / "single"}'], devices=4)
+def test_two_processes_match_one_process(tmp_path, one_and_four_devices):
+    args, root = one_and_four_devices
     port = _free_port()
-    env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='--xla_force_host_platform_device_count=2')
+    env = cpu_env(2)
     procs = [subprocess.Popen([sys.executable, '-m', 'sce_mae_jax.main', *args, f'--workdir={tmp_path / "multi"}',
                                f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2', f'--process_id={i}'],
                               cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -55,15 +63,15 @@ def test_two_processes_match_one_process(tmp_path, tiny_pretrain_args):
     outs = [p.communicate(timeout=300) for p in procs]
     for p, (_, err) in zip(procs, outs):
         assert p.returncode == 0, err[-3000:]
-    single, multi = losses(tmp_path / 'single'), losses(tmp_path / 'multi')
-    assert sorted(multi) == [1, 2, 3]
+    single, multi = losses(root / 'd4'), losses(tmp_path / 'multi')  # 4 devices in one process, 2 x 2 in two
+    assert sorted(multi) == [1, 2, 3, 4]
     np.testing.assert_allclose([multi[s] for s in single], [single[s] for s in single], rtol=2e-5)
-    assert os.path.isdir(tmp_path / 'multi' / 'checkpoints' / '3')
+    assert os.path.isdir(tmp_path / 'multi' / 'checkpoints' / '4')
 
 
 def _run_until(args, workdir, min_step, sig):
     """Starts training, waits until metrics show `min_step`, then sends `sig`."""
-    env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='--xla_force_host_platform_device_count=1')
+    env = cpu_env(1)
     proc = subprocess.Popen([sys.executable, '-m', 'sce_mae_jax.main', *args, f'--workdir={workdir}'], cwd=REPO,
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 240
@@ -77,10 +85,18 @@ def _run_until(args, workdir, min_step, sig):
     return proc.returncode, err
 
 
+@pytest.fixture(scope='module')
+def straight_run(tmp_path_factory):
+    """80 uninterrupted steps, checkpoints every 7: what each interrupted run must reproduce."""
+    args = [*TINY_PRETRAIN, '--config.total_steps=80', '--config.checkpoint_every=7']
+    workdir = tmp_path_factory.mktemp('straight')
+    run_main([*args, f'--workdir={workdir}'])
+    return args, workdir
+
+
 @pytest.mark.parametrize('sig', [signal.SIGKILL, signal.SIGTERM])
-def test_interrupted_run_resumes_to_identical_losses(tmp_path, tiny_pretrain_args, sig):
-    args = [*tiny_pretrain_args, '--config.total_steps=80', '--config.checkpoint_every=7']
-    run_main([*args, f'--workdir={tmp_path / "straight"}'])
+def test_interrupted_run_resumes_to_identical_losses(tmp_path, straight_run, sig):
+    args, straight_dir = straight_run
     code, err = _run_until(args, tmp_path / 'resumed', 10, sig)
     if sig == signal.SIGTERM:  # preemption: a checkpoint at the step it stopped on, then 128 + 15 for a scheduler
         assert code == 143, err[-2000:]
@@ -94,10 +110,10 @@ def test_interrupted_run_resumes_to_identical_losses(tmp_path, tiny_pretrain_arg
     chatter = [line for line in err.splitlines()
                if line.startswith('I') and ('orbax' in line or 'checkpoint_handler' in line)]
     assert chatter == [], err
-    straight, resumed = losses(tmp_path / 'straight'), losses(tmp_path / 'resumed')
+    straight, resumed = losses(straight_dir), losses(tmp_path / 'resumed')
     assert sorted(resumed) == sorted(straight) == list(range(1, 81))
-    for run in ('straight', 'resumed'):  # one record per step, in order: none redone after the kill, none twice
-        with open(tmp_path / run / 'metrics.jsonl') as f:
+    for run in (straight_dir, tmp_path / 'resumed'):  # one record per step, in order: none redone, none twice
+        with open(run / 'metrics.jsonl') as f:
             assert [json.loads(line)['step'] for line in f] == list(range(1, 81)), run
     np.testing.assert_array_equal([resumed[s] for s in straight], [straight[s] for s in straight])
 
@@ -114,10 +130,11 @@ def test_missing_workdir_parent_is_a_clear_error(tmp_path, tiny_pretrain_args):
     assert 'Traceback' not in proc.stderr
 
 
-def test_checkpoint_from_other_model_size_is_a_clear_error(tmp_path, tiny_pretrain_args):
-    run_main([*tiny_pretrain_args, f'--workdir={tmp_path}', '--config.total_steps=2'])
-    proc = run_main([*tiny_pretrain_args, f'--workdir={tmp_path}', '--config.total_steps=4',
-                     '--config.model.embed_dim=64'], check=False)
+def test_checkpoint_from_other_model_size_is_a_clear_error(tmp_path, one_and_four_devices):
+    args, root = one_and_four_devices
+    shutil.copytree(root / 'd1', tmp_path / 'run')  # a finished 4-step run, continued with a wider model
+    proc = run_main([*args, f'--workdir={tmp_path / "run"}', '--config.total_steps=6', '--config.model.embed_dim=64'],
+                    check=False)
     assert proc.returncode != 0 and 'does not fit this config' in proc.stderr, proc.stderr[-2000:]
     assert 'Traceback' not in proc.stderr
 

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import REPO, TINY_MODEL, losses, run_main
+from conftest import REPO, TINY_FIELDS, losses, run_main, train_here
 from sce_mae_jax import carb
 from sce_mae_jax.config_lib import ABLATIONS
 from sce_mae_jax.data import pipeline
@@ -35,8 +35,8 @@ def _config(arg=None, **overrides):
 def stage1(tmp_path_factory):
     """A briefly trained tiny stage-1 workdir whose encoder matches BACKBONE."""
     wd = tmp_path_factory.mktemp('stage1')
-    run_main(['--config=configs/mae_deit_t.py', *TINY_MODEL, '--config.model.depth=4', '--config.batch_size=8',
-              '--config.total_steps=5', '--config.figure_every=0', f'--workdir={wd}'])
+    train_here('pretrain', wd, {**TINY_FIELDS, 'model.depth': 4, 'batch_size': 8, 'total_steps': 5,
+                                'figure_every': 0})
     return wd
 
 
@@ -260,10 +260,10 @@ def test_reconstruction_errors_are_the_maes_own_loss_under_each_mask():
 
 @pytest.mark.parametrize('split', ['cls_debiased', 'recon'])
 def test_split_inputs_are_stored_and_reused_on_resume(stage1, tmp_path, split):
-    common_args = ['--config=configs/carb_deit_t.py:split=' + split, *BACKBONE, f'--config.init_from={stage1}',
-                   '--config.batch_size=8', '--config.log_every=1', '--config.figure_every=0',
-                   '--config.carb.prior_images=16', f'--workdir={tmp_path}']
-    run_main([*common_args, '--config.total_steps=2', '--config.checkpoint_every=1'])
+    fields = {'carb.split': split, 'model.embed_dim': 48, 'model.depth': 4, 'model.num_heads': 2,
+              'init_from': str(stage1), 'batch_size': 8, 'log_every': 1, 'figure_every': 0,
+              'carb.prior_images': 16, 'checkpoint_every': 1}
+    train_here('carb', tmp_path, {**fields, 'total_steps': 2})  # in this process: the workdir is under test
     meta = json.loads((tmp_path / 'split' / 'split.json').read_text())
     assert meta['split'] == split
     first = common.restore_tree(str(tmp_path / 'split' / 'aux'))
@@ -272,13 +272,15 @@ def test_split_inputs_are_stored_and_reused_on_resume(stage1, tmp_path, split):
         np.testing.assert_allclose(first['prior'].sum(), 1.0, rtol=1e-5)
     else:
         assert meta['model']['decoder_depth'] == 1 and 'decoder_pred' in first['decoder']
-    run_main([*common_args, '--config.total_steps=3', '--config.checkpoint_every=1'])  # resumes at step 2
+    train_here('carb', tmp_path, {**fields, 'total_steps': 3})  # resumes at step 2
     again = common.restore_tree(str(tmp_path / 'split' / 'aux'))
     for a, b in zip(jax.tree.leaves(first), jax.tree.leaves(again)):
         np.testing.assert_array_equal(a, b)
     assert sorted(losses(tmp_path)) == [1, 2, 3]
     other = 'cls_debiased' if split == 'recon' else 'recon'
-    proc = run_main([*common_args, f'--config.carb.split={other}', '--config.total_steps=4'], check=False)
+    proc = run_main(['--config=configs/carb_deit_t.py:split=' + split, *BACKBONE, f'--config.init_from={stage1}',
+                     '--config.batch_size=8', f'--config.carb.split={other}', '--config.total_steps=4',
+                     f'--workdir={tmp_path}'], check=False)
     assert proc.returncode != 0 and f'was trained with carb.split={split}' in proc.stderr
     assert 'Traceback' not in proc.stderr
 

@@ -187,7 +187,8 @@ def silhouette(desc: np.ndarray, runs: int) -> tuple[list[float], np.ndarray, np
 
 def training_figures(workdir: str, rows) -> list[tuple[str, str]]:
     """For each row trained in a workdir (stage 1 for `mae`, stage 2 for the projector rows): its loss curve from
-    metrics.jsonl, drawn into `workdir/figures/loss_ROW.png`, and the last reconstruction (stage 1) or cluster
+    metrics.jsonl, drawn into `workdir/figures/loss_ROW.png`, its monitor's matching curve (monitor_ROW.png)
+    when training logged one, and the last reconstruction (stage 1) or cluster
     (stage 2) figure that training wrote, linked where it is. → [(title, path relative to workdir)]."""
     from sce_mae_jax import figures
 
@@ -208,6 +209,13 @@ def training_figures(workdir: str, rows) -> list[tuple[str, str]]:
             figures.save_loss_curve_png(os.path.join(workdir, name), f'{row.name}: {stage} training loss', steps,
                                         losses)
             out.append((f'Training loss of `{row.name}`, {stage}, from {metrics}', name))
+        steps, diff = figures.read_losses(metrics, 'match_diff')  # the training monitor (train/monitor.py)
+        if len(steps):
+            name = f'figures/monitor_{row.name}.png'
+            figures.save_loss_curve_png(os.path.join(workdir, name), f'{row.name}: {stage}, monitor', steps, diff,
+                                        label='diff px')
+            out.append((f'Different-identity matching error (70-px frame, the training monitor\'s pairs) of '
+                        f'`{row.name}` during {stage} training, from {metrics}', name))
         prefix = 'recon_' if row.kind == 'backbone' else 'clusters_'
         fig_dir = os.path.join(row.source, 'figures')
         shown = sorted(f for f in (fileio.listdir(fig_dir) if fileio.isdir(fig_dir) else [])

@@ -26,7 +26,7 @@ from sce_mae_jax.models.heads import (PROJECTOR_ACTIVATIONS, Projector, channel_
                                       token_pixels)
 from sce_mae_jax.models.mae import MAE, RANDOM_INIT, encoder_from_model_config, patch_errors, random_encoder_params
 from sce_mae_jax.models.vit import ViT, patchify
-from sce_mae_jax.train import common, optim
+from sce_mae_jax.train import common, monitor as monitor_lib, optim
 
 
 # ---------------------------------------------------------------------------------------------- the split
@@ -424,7 +424,9 @@ def train(config, workdir: str) -> dict:
             figures.save_cluster_png(os.path.join(workdir, 'figures', f'clusters_{step_num:07d}.png'),
                                      np.asarray(images), np.asarray(cid), encoder.patch_size)
 
+    monitor = monitor_lib.build(config, encoder, mesh, Projector(**config.projector))
     out = common.train_loop(config, workdir, state=state, state_sharding=state_sh,
                             step_fn=lambda s, b: step(s, backbone, b, split_aux), data_iter=it, batch_sharding=data_sh,
-                            total_steps=total_steps, figure_fn=figure_fn)
+                            total_steps=total_steps, figure_fn=figure_fn,
+                            monitor_fn=monitor and (lambda state: monitor(backbone, state['params'])))
     return {**out, 'backbone': backbone}

@@ -216,11 +216,14 @@ def preempted_by() -> int | None:
 
 
 def train_loop(config, workdir: str, *, state, state_sharding, step_fn, data_iter, batch_sharding, total_steps: int,
-               figure_fn=None) -> dict:
+               figure_fn=None, monitor_fn=None) -> dict:
     """The loop both stages share: resume, step, log, figures, checkpoints, preemption, run safety.
 
     `step_fn(state, batch) -> (state, metrics)` is the jitted step; `figure_fn(step, state, batch)` is called
     on every process every `config.figure_every` steps (it may run collectives; it writes on process 0).
+    `monitor_fn(state) -> {name: float}` (train/monitor.py) runs on every process every `config.monitor.every`
+    steps and at the last one (of a run at least that long); its values join that step's record (a record is written there if the step
+    would not have been logged).
     Metrics of step n are fetched after step n+1 is dispatched, so the host never waits on the device; the
     finiteness of loss and gradient norm is tracked on the device every step and read only where the host
     waits anyway (logged steps, checkpoints), so a non-finite step stops the run before any checkpoint of it.
@@ -238,7 +241,7 @@ def train_loop(config, workdir: str, *, state, state_sharding, step_fn, data_ite
             parameter_overview.log_parameter_overview(state['params'], include_stats=False, jax_logging_process=0,
                                                       msg='trained parameters:')
             out = _loop(config, mngr, writer, state, step_fn, data_iter, batch_sharding, total_steps, figure_fn,
-                        FiniteWatch(origin=restored and (restored.step, restored.checksummed)), workdir)
+                        FiniteWatch(origin=restored and (restored.step, restored.checksummed)), workdir, monitor_fn)
             with checkpoints.checkpoint_io(mngr, out['step']):
                 mngr.wait_until_finished()
         except BaseException:
@@ -262,7 +265,7 @@ def _shut(mngr, writer, failing: bool) -> None:
 
 
 def _loop(config, mngr, writer, state, step_fn, data_iter, batch_sharding, total_steps, figure_fn, finite,
-          workdir) -> dict:
+          workdir, monitor_fn=None) -> dict:
     guard = PreemptionGuard()
     step = int(state['step'])
     meter = Throughput(config.batch_size, total_steps, step)
@@ -295,8 +298,12 @@ def _loop(config, mngr, writer, state, step_fn, data_iter, batch_sharding, total
             writer.write(*pending[:2])
             pending[2].check(mngr)
             pending = None
-        if step % config.log_every == 0 or step == total_steps:
+        watch = monitor_fn is not None and (step % config.monitor.every == 0 or
+                                            step == total_steps >= config.monitor.every)
+        if step % config.log_every == 0 or step == total_steps or watch:
             pending = (step, {**metrics, **meter(step)}, finite.snapshot())
+        if watch:
+            pending[1].update(monitor_fn(state))
         if figure_fn is not None and config.figure_every and step % config.figure_every == 0:
             with errors.writing(f'the step-{step} figure', os.path.join(workdir, 'figures'), writer.newest):
                 figure_fn(step, state, batch)

@@ -13,9 +13,9 @@ import optax
 from absl import logging
 from sce_mae_jax import fileio, figures
 from sce_mae_jax.data import pipeline
-from sce_mae_jax.models.mae import MAE
+from sce_mae_jax.models.mae import MAE, encoder_from_model_config
 from sce_mae_jax.models.vit import patchify, unpatchify
-from sce_mae_jax.train import common, optim
+from sce_mae_jax.train import common, monitor as monitor_lib, optim
 
 
 # ---------------------------------------------------------------------------------------------- model & optimiser
@@ -124,5 +124,7 @@ def train(config, workdir: str) -> dict:
             fileio.makedirs(os.path.join(workdir, 'figures'))
             figures.save_reconstruction_png(os.path.join(workdir, 'figures', f'recon_{step:07d}.png'), rows)
 
+    monitor = monitor_lib.build(config, encoder_from_model_config(config.model), mesh)
     return common.train_loop(config, workdir, state=state, state_sharding=state_sh, step_fn=step_fn, data_iter=it,
-                             batch_sharding=data_sh, total_steps=total_steps, figure_fn=figure_fn)
+                             batch_sharding=data_sh, total_steps=total_steps, figure_fn=figure_fn,
+                             monitor_fn=monitor and (lambda state: monitor(state['params']['encoder'])))
