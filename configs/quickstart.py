@@ -46,7 +46,7 @@ def get_config(arg=None):
     s2.log_every = 10
     s2.checkpoint_every = 40
     s2.figure_every = 40
-    s2.monitor.every = 80      # at the end only: each evaluation costs about a tenth of this short a run
+    s2.monitor.every = 40      # twice: each evaluation costs about a tenth of this short a run
 
     matching = config_lib.eval_matching(arg)
     matching.num_images = 300         # 300 images → 300 pairs: 150 same- + 150 different-identity
