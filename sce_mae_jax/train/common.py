@@ -520,4 +520,3 @@ def prepare_workdir(workdir: str, config) -> None:
 
 def tree_size(tree) -> int:
     return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
-
