@@ -65,6 +65,7 @@ def build(config, encoder, mesh, projector=None):
     batches = [common.global_batch(local, data_sh) for local in it]
 
     def monitor(backbone, proj=None) -> dict[str, float]:
+        jax.block_until_ready((backbone, proj))  # so monitor_s is the evaluation's, not the step in flight
         t0 = time.time()
         totals = None
         for b in batches:
