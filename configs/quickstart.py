@@ -12,7 +12,7 @@ On `synthetic_wild` (faces anywhere in the crop; `:data=synthetic` for the align
 3. Landmark matching on 150 + 150 synthetic pairs and landmark detection (the 5 MAFL points) with small
    regressors, every row of the paper's tables plus controls, into WORKDIR/results.json, WORKDIR/report.md and
    WORKDIR/figures/.
-Expect (docs/results.md, 2026-12-02; 818 s of the job on an idle 2-core VM): `mae` below `random_init` and
+Expect (docs/results.md, 2026-12-02; 815 s of the job on an idle 2-core VM): `mae` below `random_init` and
 `pixels` on different-identity matching but level with `positions` (~17.5 px: a short stage 1 learns little
 beyond position), `sce_mae` (linear projector) slightly below `mae` there and above it at same-identity; the
 60-step detection regressors are far from converged (~50 % IOD) and only rank the rows.
@@ -38,7 +38,7 @@ def get_config(arg=None):
     s1.log_every = 100
     s1.checkpoint_every = 400
     s1.figure_every = 400
-    s1.monitor.update(every=200, pairs=50)  # matching beside the loss (metrics.jsonl): ~3% of the job
+    s1.monitor.update(every=200, pairs=50)  # matching beside the loss (metrics.jsonl): ~6% of the job
 
     s2 = config_lib.carb('t', arg, dim=64, eta=0.1)
     s2.model.update(embed_dim=96, depth=4, num_heads=3)
