@@ -520,7 +520,3 @@ def prepare_workdir(workdir: str, config) -> None:
 
 def tree_size(tree) -> int:
     return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
-
-
-def dtype_of(name: str):
-    return {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}[name]

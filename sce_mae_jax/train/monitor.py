@@ -1,12 +1,12 @@
 """The training monitor: landmark matching on a small fixed pair set every `monitor.every` steps.
 
 A falling loss says the objective is met, not that the features find landmarks (stage 2 with CL's softmax
-projector lowered its loss while tripling the matching error, docs/results.md). So both trainers can evaluate
-the features being trained the way the matching job does (`evals/matching.matching_sums`: the same rule, the
-70-px frame), on the first `monitor.pairs` pairs of the training data's matching set, at the plain stride (one
-pass per image), and log `match_same` / `match_diff` beside the loss in metrics.jsonl and TensorBoard. The
-pairs are made in memory once per run (nothing is cached on disk) and go through the evaluation's sharded
-pipeline; the evaluation is one jitted program over the mesh, built once.
+projector lowered its loss while making the matching error 2-3x worse, docs/results.md). So both trainers
+evaluate the features being trained the way the matching job does (`evals/matching.matching_sums`: the same
+rule, the 70-px frame), on the first `monitor.pairs` pairs of the training data's matching set, at the plain
+stride (one pass per image), and log `match_same` / `match_diff` beside the loss in metrics.jsonl and TensorBoard. The
+pairs are made in memory once per process (nothing is cached on disk) and read once through the evaluation's
+sharded pipeline; the evaluation is one jitted program over the mesh, built once per run.
 """
 import functools
 import time
@@ -65,6 +65,7 @@ def build(config, encoder, mesh, projector=None):
     batches = [common.global_batch(local, data_sh) for local in it]
 
     def monitor(backbone, proj=None) -> dict[str, float]:
+        jax.block_until_ready((backbone, proj))  # so monitor_s is the evaluation's, not the step in flight
         t0 = time.time()
         totals = None
         for b in batches:
