@@ -424,7 +424,7 @@ def train(config, workdir: str) -> dict:
             figures.save_cluster_png(os.path.join(workdir, 'figures', f'clusters_{step_num:07d}.png'),
                                      np.asarray(images), np.asarray(cid), encoder.patch_size)
 
-    monitor = monitor_lib.build(config, encoder, mesh, Projector(**config.projector))
+    monitor = monitor_lib.build(config, encoder, mesh, total_steps, Projector(**config.projector))
     out = common.train_loop(config, workdir, state=state, state_sharding=state_sh,
                             step_fn=lambda s, b: step(s, backbone, b, split_aux), data_iter=it, batch_sharding=data_sh,
                             total_steps=total_steps, figure_fn=figure_fn,

@@ -43,11 +43,12 @@ def _pairs(data, split, num_images, manual_dir, data_dir, seed) -> dict:
     return {k: pairs[k] for k in matching.PAIR_KEYS}
 
 
-def build(config, encoder, mesh, projector=None):
+def build(config, encoder, mesh, total_steps: int, projector=None):
     """→ `monitor(backbone, proj_params) -> {'match_same', 'match_diff', 'monitor_s'}` (host floats; every
-    process calls it), or None when `monitor.every` is 0 or there are no pairs. `projector` None: the encoder's
-    own tokens (stage 1); else its descriptors (stage 2), as the evaluation's `sce_mae` row reads them."""
-    if not config.monitor.every:
+    process calls it), or None when `monitor.every` is 0, longer than the run (`total_steps`: nothing would be
+    evaluated, so no pairs are made) or there are no pairs. `projector` None: the encoder's own tokens (stage
+    1); else its descriptors (stage 2), as the evaluation's `sce_mae` row reads them."""
+    if not config.monitor.every or total_steps < config.monitor.every:
         return None
     pairs = pairs_for(config)
     if pairs is None:

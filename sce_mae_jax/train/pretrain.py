@@ -124,7 +124,7 @@ def train(config, workdir: str) -> dict:
             fileio.makedirs(os.path.join(workdir, 'figures'))
             figures.save_reconstruction_png(os.path.join(workdir, 'figures', f'recon_{step:07d}.png'), rows)
 
-    monitor = monitor_lib.build(config, encoder_from_model_config(config.model), mesh)
+    monitor = monitor_lib.build(config, encoder_from_model_config(config.model), mesh, total_steps)
     return common.train_loop(config, workdir, state=state, state_sharding=state_sh, step_fn=step_fn, data_iter=it,
                              batch_sharding=data_sh, total_steps=total_steps, figure_fn=figure_fn,
                              monitor_fn=monitor and (lambda state: monitor(state['params']['encoder'])))
