@@ -108,7 +108,11 @@ def build_step(config):
     repl, data_sh = common.replicated(mesh), common.data_sharded(mesh)
     common.check_batch_size(config.batch_size)
     size = config.model.image_size
-    images = np.random.default_rng(0).integers(0, 256, (config.batch_size, size, size, 3), dtype=np.uint8)
+    side = size
+    if config.input.get('device_augment', False):  # the step crops the images as read
+        from sce_mae_jax.data import preprocess
+        side = preprocess.OUT_SIZE
+    images = np.random.default_rng(0).integers(0, 256, (config.batch_size, side, side, 3), dtype=np.uint8)
     batch = common.global_batch({'image': images}, data_sh)
     if config.job == 'pretrain':
         *_, state, _, step = pretrain.state_and_step(config, mesh, 10**6)
@@ -160,7 +164,6 @@ def bench_step(config, steps: int, warmup: int, peak_override: float = 0.0) -> d
 def bench_data(config, workers: Sequence[int] = (0, 2)) -> dict:
     """images/s of the synthetic generator alone, then of the stage-1 grain pipeline at `config.batch_size`
     with each number of `workers` processes."""
-    from sce_mae_jax.data import pipeline
     from sce_mae_jax.data.synthetic import SyntheticFaces
 
     src = SyntheticFaces('pretrain', seed=config.data_seed)

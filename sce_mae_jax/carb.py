@@ -4,7 +4,6 @@ Pure, vectorised `jax.numpy` functions with fixed shapes, so the whole stage-2 s
 clustering, substitution, LCR loss) runs inside one jitted, data-parallel computation:
 
     attentive_mask            eq. 1     which patch tokens the CLS token attends to most
-    *_scores                            the other split criteria of `carb.split` (SPLITS), ranked the same way
     density_peak_clustering   eq. 2-3   cluster centres among the inattentive tokens (DPC-kNN, made deterministic)
     substitute / keep_mask              rebuild the full token map from cluster centres (mode B / mode A)
     token_positions                     token-grid centres in input pixels, for the locality term
@@ -28,10 +27,10 @@ import numpy as np
 from jax import lax
 
 _HIGHEST = lax.Precision.HIGHEST
-# Stands in for log(0) where -inf would tie with the -inf that marks tokens that may never be picked.
-_LOG_ZERO = -1e30
-# Masks logits outside the selected set: finite, so a row with nothing selected stays finite (no NaN).
-_MASKED_LOGIT = -1e30
+# A finite "minus infinity": log(0) in eq. 3's score, where -inf would tie with the -inf that marks tokens that
+# may never be picked, and the logit of a token outside the selected set, so that a row with nothing selected
+# stays finite (no NaN).
+_NEG = -1e30
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -64,7 +63,7 @@ def cls_similarity(cls_logits: jax.Array) -> jax.Array:
 def top_scores_mask(scores: jax.Array, eta: float) -> jax.Array:
     """The ceil(eta * N) highest-scoring tokens of each row: (B, N) float scores → (B, N) bool.
 
-    Every split criterion below is a score of this kind; equal scores go to the lower token index.
+    Every split criterion (splits.py) is a score of this kind; equal scores go to the lower token index.
     """
     n = scores.shape[-1]
     # lax.top_k puts the lower index first among equal values, which is the tie rule we want.
@@ -85,34 +84,8 @@ def attentive_mask(cls_logits: jax.Array, eta: float) -> jax.Array:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Other split criteria: scores whose top ceil(η·N) tokens are the attentive ones (`carb.split`).
-#
-# Eq. 1 assumes the CLS token attends to the landmarks. On every backbone this project trained it does not: it
-# settles on a few fixed grid cells whatever the face (docs/results.md). Each criterion below is a (B, N) score,
-# higher = more landmark-like, ranked by `top_scores_mask`; `SPLITS` names them for the config.
+# Eq. 2-3: density-peak clustering of the inattentive tokens.
 # ----------------------------------------------------------------------------------------------------------------
-
-SPLITS = ('cls', 'cls_debiased', 'density', 'contrast', 'recon')
-
-
-def cls_prior(cls_logits: jax.Array) -> jax.Array:
-    """(N,) float32 mean of Sim_cls over a batch of images: the per-position prior of eq. 1's similarity,
-    estimated once from training images at stage-2 start (`cls_debiased`)."""
-    return jnp.mean(cls_similarity(cls_logits), axis=0)
-
-
-def debiased_cls_scores(cls_logits: jax.Array, prior: jax.Array, eps: float = 1e-12) -> jax.Array:
-    """log Sim_cls − log prior: eq. 1 against what the CLS token gives each position in an average image, so a
-    sink on the same cells in every image scores ~0 and only attention this image draws counts.
-
-    Args:
-        cls_logits: (B, heads, N).
-        prior: (N,) from `cls_prior`.
-    Returns:
-        (B, N) float32.
-    """
-    sim = cls_similarity(cls_logits)
-    return jnp.log(sim + eps) - jnp.log(prior.astype(jnp.float32) + eps)[None]
 
 
 def knn_sq_distance(d2: jax.Array, valid: jax.Array, k: int) -> jax.Array:
@@ -130,83 +103,6 @@ def knn_sq_distance(d2: jax.Array, valid: jax.Array, k: int) -> jax.Array:
     count = jnp.minimum(jnp.sum(valid, axis=-1, dtype=jnp.int32), k)
     in_count = jnp.arange(k)[None, None, :] < count[..., None]
     return -jnp.sum(jnp.where(in_count, neg_nearest, 0.0), axis=-1) / jnp.maximum(count, 1).astype(jnp.float32)
-
-
-def low_density_scores(tokens: jax.Array, k: int = 5) -> jax.Array:
-    """The paper's own argument (§3.2: landmarks are "sparse and distinct", the rest "dense and uniform") as a
-    score: −log ρ of eq. 2 over all tokens of the image, i.e. the mean squared distance to the k nearest tokens
-    (itself included). The sparsest tokens are attentive.
-
-    Args:
-        tokens: (B, N, C) token features (at the clustering block).
-    Returns:
-        (B, N) float32.
-    """
-    d2 = pairwise_sq_distances(lax.stop_gradient(tokens))
-    return knn_sq_distance(d2, jnp.ones(d2.shape, bool), k)
-
-
-def neighbour_contrast_scores(tokens: jax.Array, grid_h: int, grid_w: int) -> jax.Array:
-    """1 − mean cosine similarity of each token to its (up to 8) spatial neighbours on the token grid: a token
-    unlike its surroundings (an eye corner on skin) scores high, one inside a uniform region (cheek, background)
-    low.
-
-    Args:
-        tokens: (B, N, C) with N = grid_h · grid_w, row-major.
-    Returns:
-        (B, N) float32 in [0, 2].
-    """
-    b, n, c = tokens.shape
-    if n != grid_h * grid_w:
-        raise ValueError(f'{n} tokens are not a {grid_h}x{grid_w} grid')
-    t = l2_normalize(lax.stop_gradient(tokens)).reshape(b, grid_h, grid_w, c)
-    padded = jnp.pad(t, ((0, 0), (1, 1), (1, 1), (0, 0)))  # zero vectors: similarity 0, excluded by the count
-    inside = np.pad(np.ones((grid_h, grid_w), np.float32), 1)
-    total = jnp.zeros((b, grid_h, grid_w), jnp.float32)
-    count = np.zeros((grid_h, grid_w), np.float32)
-    for dr in (-1, 0, 1):  # 8 static shifts, unrolled at trace time
-        for dc in (-1, 0, 1):
-            if dr == dc == 0:
-                continue
-            window = padded[:, 1 + dr:1 + dr + grid_h, 1 + dc:1 + dc + grid_w]
-            total = total + jnp.einsum('bhwc,bhwc->bhw', t, window, precision=_HIGHEST)
-            count = count + inside[1 + dr:1 + dr + grid_h, 1 + dc:1 + dc + grid_w]
-    return (1.0 - total / count[None]).reshape(b, n)
-
-
-def complementary_masks(num_tokens: int, num_visible: int, seed: int = 0) -> np.ndarray:
-    """(M, N) float32 MAE masks (1 = removed) whose visible sets are disjoint groups of `num_visible` tokens of one
-    fixed random permutation, M = N // num_visible: each mask removes as many tokens as stage 1 trained with,
-    and every token is removed in at least M − 1 of them (`recon`). Static, so built with NumPy."""
-    if not 0 < num_visible < num_tokens:
-        raise ValueError(f'num_visible must be in [1, {num_tokens - 1}], got {num_visible}')
-    order = np.random.default_rng(seed).permutation(num_tokens)
-    groups = num_tokens // num_visible
-    masks = np.ones((groups, num_tokens), np.float32)
-    for g in range(groups):
-        masks[g, order[g * num_visible:(g + 1) * num_visible]] = 0.0
-    return masks
-
-
-def reconstruction_scores(errors: jax.Array, masks: jax.Array) -> jax.Array:
-    """The MAE-reconstruction criterion (paper §3.1, Mechanism 1: landmarks dominate the reconstruction loss):
-    each token's mean reconstruction error over the masks that removed it.
-
-    Args:
-        errors: (M, B, N) per-patch reconstruction error of the frozen stage-1 MAE under each mask.
-        masks: (M, N) or (M, B, N), 1 = removed (`complementary_masks`).
-    Returns:
-        (B, N) float32.
-    """
-    m = masks.astype(jnp.float32)
-    if m.ndim == 2:
-        m = m[:, None, :]
-    return jnp.sum(errors.astype(jnp.float32) * m, axis=0) / jnp.maximum(jnp.sum(m, axis=0), 1.0)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Eq. 2-3: density-peak clustering of the inattentive tokens.
-# ----------------------------------------------------------------------------------------------------------------
 
 
 def _fmix32(h: jax.Array) -> jax.Array:
@@ -322,7 +218,7 @@ def density_peak_clustering(tokens: jax.Array, inattentive: jax.Array, num_clust
     delta = jnp.where(inatt, delta, 0.0)
 
     # Centres: top-K_c of ρ·δ, ranked in log space; -inf keeps attentive tokens below every inattentive one.
-    log_score = -m + jnp.where(delta > 0, jnp.log(jnp.where(delta > 0, delta, 1.0)), _LOG_ZERO)
+    log_score = -m + jnp.where(delta > 0, jnp.log(jnp.where(delta > 0, delta, 1.0)), _NEG)
     key = jnp.where(inatt, log_score, -jnp.inf)
     _, centres = lax.top_k(key, num_clusters)  # equal keys → lower token index first
     centre_valid = jnp.arange(num_clusters)[None, :] < n_inatt[:, None]
@@ -461,7 +357,7 @@ def lcr_loss(proj: jax.Array, selected: jax.Array, attentive: jax.Array, positio
     sel = selected.astype(bool)
     att = attentive.astype(bool) & sel
     logits = jnp.einsum('bid,bjd->bij', phi, phi, precision=_HIGHEST) / tau
-    logits = jnp.where(sel[:, None, :], logits, _MASKED_LOGIT)
+    logits = jnp.where(sel[:, None, :], logits, _NEG)
     p = jax.nn.softmax(logits, axis=-1)
 
     r_aa, r_ai, r_ii = rep

@@ -8,9 +8,12 @@ from __future__ import annotations
 import ml_collections
 from ml_collections import config_dict
 
-from sce_mae_jax.carb import SPLITS
 from sce_mae_jax.errors import ConfigError
 from sce_mae_jax.models.vit import DEIT
+from sce_mae_jax.splits import SPLITS
+
+# Every row an evaluation can report, in the order of its tables (evals/rows.py builds them; the report sorts by it).
+ROWS = ('random_init', 'positions', 'mean_shape', 'pixels', 'mae', 'sce_mae', 'random_init_carb')
 
 SIZES = {'t': 'tiny', 's': 'small', 'b': 'base'}
 
@@ -77,8 +80,9 @@ def mae(size: str, arg: str | None) -> ml_collections.ConfigDict:
                    # custom-VJP LayerNorm·Dense, GELU·Dense and attention (models/fused.py); False: plain autodiff
                    # and jax.nn.dot_product_attention, the same values
                    fused_ops=True)
-    # random resized crop scale range and horizontal flip; workers: grain worker processes (0: threads in-process)
-    c.input = dict(crop_scale=(0.2, 1.0), flip=True, workers=0)
+    # random resized crop scale range and horizontal flip; workers: grain worker processes (0: threads in-process);
+    # device_augment: crop, resize and flip inside the jitted step instead of on the host (data/device_augment.py)
+    c.input = dict(crop_scale=(0.2, 1.0), flip=True, workers=0, device_augment=False)
     return c
 
 
@@ -149,7 +153,7 @@ def carb(size: str, arg: str | None, *, dim: int, eta: float) -> ml_collections.
     c.projector = dict(out_dim=a.dim, hidden=(), kernel_size=1, activation='linear', softmax_scale=7.0)
     c.carb = dict(
         objective='lcr',     # 'lcr' (SCE-MAE) or 'lead' (LEAD's correspondence-distribution matching)
-        split=a.split,       # attentive split criterion, carb.SPLITS: 'cls' is eq. 1 (docs/ablations.md)
+        split=a.split,       # attentive split criterion, splits.SPLITS: 'cls' is eq. 1 (docs/ablations.md)
         prior_images=512,    # split=cls_debiased: training images the per-position CLS prior is estimated on
         # split=recon with init_from=random_init (the control): the untrained MAE decoder (the paper's by default;
         # the pipeline copies its stage 1's)
@@ -177,6 +181,7 @@ def carb(size: str, arg: str | None, *, dim: int, eta: float) -> ml_collections.
         augment='none',      # 'none': the centre crop; 'cl': CL's random resized crop + colour jitter (data/pipeline.py)
         flip=False,          # horizontal flip
         workers=0,           # grain worker processes (0: threads in-process)
+        device_augment=False,  # crop, jitter and flip inside the jitted step, not on the host (data/device_augment.py)
     )
     for key, value in ABLATIONS[a.ablation].items():
         group, field = key.split('.')
@@ -191,7 +196,7 @@ def eval_fields(c: ml_collections.ConfigDict) -> None:
     c.stage2 = ''            # stage-2 workdir trained on stage1: the `sce_mae` row
     c.random_init_carb = ''  # stage-2 workdir trained with init_from=random_init: the control row
     c.extra = ''             # further stage-2 workdirs as rows: 'no_lcr=DIR,lead=DIR2'
-    c.rows = ('random_init', 'positions', 'mean_shape', 'pixels', 'mae', 'sce_mae', 'random_init_carb')  # evals/rows.py
+    c.rows = ROWS            # the rows to report, of ROWS (evals/rows.py builds them)
     c.seed = 0               # random_init's initialisation
     c.batch_size = 32        # global; a multiple of the device count
     # cover-and-stride stride (divides the patch); block: −1 = final normed tokens (the paper's), or a 0-based

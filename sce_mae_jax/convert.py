@@ -12,6 +12,9 @@ from __future__ import annotations
 import re
 
 import numpy as np
+from sce_mae_jax.errors import ConfigError
+from sce_mae_jax.train import checkpoints
+from sce_mae_jax import workdir as workdir_lib
 
 _LINEARS = ('attn.qkv', 'attn.proj', 'mlp.fc1', 'mlp.fc2')
 
@@ -126,7 +129,6 @@ def write_checkpoint(params: dict, config, workdir: str) -> str:
     import jax
     import jax.numpy as jnp
     from sce_mae_jax.models.mae import MAE
-    from sce_mae_jax.train import common
 
     model = MAE(**config.model)
     size = model.image_size
@@ -134,13 +136,13 @@ def write_checkpoint(params: dict, config, workdir: str) -> str:
                                                  jnp.zeros((1, size, size, 3))))['params']
     if 'encoder' not in params:  # encoder-only import: compare that part
         expected = expected['encoder']
-    bad = common.shape_mismatches(params, expected)
+    bad = checkpoints.shape_mismatches(params, expected)
     if bad:
-        raise common.ConfigError('the PyTorch checkpoint does not fit config.model: ' + '; '.join(bad[:6]))
-    common.prepare_workdir(workdir, config)
-    mngr = common.checkpoint_manager(workdir, max_to_keep=1, save_interval_steps=1, with_data_iter=False)
+        raise ConfigError('the PyTorch checkpoint does not fit config.model: ' + '; '.join(bad[:6]))
+    workdir_lib.prepare_workdir(workdir, config)
+    mngr = checkpoints.checkpoint_manager(workdir, max_to_keep=1, save_interval_steps=1, with_data_iter=False)
     state = {'params': params if 'encoder' in params else {'encoder': params}}
-    common.save_checkpoint(mngr, 0, state, force=True)
+    checkpoints.save_checkpoint(mngr, 0, state, force=True)
     mngr.wait_until_finished()
     mngr.close()
     return mngr.directory
@@ -156,7 +158,7 @@ if __name__ == '__main__':
 
     def _main(argv):
         del argv
-        from sce_mae_jax.train.common import ConfigError
+        from sce_mae_jax.errors import ConfigError
         f = flags.FLAGS
         try:
             out = write_checkpoint(mae_from_torch(load_torch_state_dict(f.torch_checkpoint)), f.config, f.workdir)

@@ -30,10 +30,10 @@ EXPORTED_ROWS = ('mae', 'sce_mae')  # the rows whose weights an export holds (th
 
 
 def _write_params(unit_dir: str, step: int, params) -> None:
-    """`params` as the one checkpoint of `unit_dir` (what `common.load_params` reads), at the trained step."""
-    from sce_mae_jax.train import common
-    mngr = common.checkpoint_manager(unit_dir, max_to_keep=1, save_interval_steps=1, with_data_iter=False)
-    common.save_checkpoint(mngr, step, {'params': params}, force=True)
+    """`params` as the one checkpoint of `unit_dir` (what `checkpoints.load_params` reads), at the trained step."""
+    from sce_mae_jax.train import checkpoints
+    mngr = checkpoints.checkpoint_manager(unit_dir, max_to_keep=1, save_interval_steps=1, with_data_iter=False)
+    checkpoints.save_checkpoint(mngr, step, {'params': params}, force=True)
     mngr.wait_until_finished()
     mngr.close()
 
@@ -47,15 +47,15 @@ def _copy_stage(src: str, dst: str, *, backbone: bool) -> dict:
     """One stage's config.json and parameters (and its frozen backbone/); → a summary for model.json."""
     import orbax.checkpoint as ocp
 
-    from sce_mae_jax.train import common
+    from sce_mae_jax.train import checkpoints
     text = fileio.read_text(os.path.join(src, 'config.json'))
     fileio.makedirs(dst)
     fileio.write_text(os.path.join(dst, 'config.json'), text)
     step = _latest_step(src)
-    _write_params(dst, step, common.load_params(src))
+    _write_params(dst, step, checkpoints.load_params(src))
     if backbone:
         ckptr = ocp.StandardCheckpointer()
-        ckptr.save(os.path.join(fileio.resolve(dst), 'backbone'), common.restore_tree(os.path.join(src, 'backbone')))
+        ckptr.save(os.path.join(fileio.resolve(dst), 'backbone'), checkpoints.restore_tree(os.path.join(src, 'backbone')))
         ckptr.wait_until_finished()
     cfg = json.loads(text)
     out = {'from': src, 'job': cfg.get('job'), 'data': cfg.get('data'), 'steps': step,
@@ -88,7 +88,7 @@ def export(workdir: str, out: str, fmt: str = 'jax') -> dict:
     """Writes the model of `workdir` (a quick-start workdir, or one stage-1 or stage-2 workdir) into `out`;
     returns model.json's content."""
     from sce_mae_jax.landmarker import regressor_units, stage_dirs
-    from sce_mae_jax.evals.rows import EXPORTED
+    from sce_mae_jax.models.load import EXPORTED
 
     if fmt not in FORMATS:
         raise ConfigError(f'format={fmt!r} must be one of {FORMATS}')
@@ -103,8 +103,8 @@ def export(workdir: str, out: str, fmt: str = 'jax') -> dict:
         if not stage1:
             raise ConfigError(f'{workdir} has no stage-1 MAE to export as a PyTorch state dict')
         from sce_mae_jax import convert
-        from sce_mae_jax.train import common
-        params = common.load_params(stage1)
+        from sce_mae_jax.train import checkpoints
+        params = checkpoints.load_params(stage1)
         if 'encoder' not in params:
             raise ConfigError(f'{stage1} holds an encoder only (no decoder); the PyTorch export is the whole MAE')
         convert.save_torch_state_dict(convert.mae_to_torch(params), os.path.join(out, 'mae.pth'))
@@ -116,7 +116,7 @@ def export(workdir: str, out: str, fmt: str = 'jax') -> dict:
         for name, src in (('stage1', stage1), ('stage2', stage2)):
             if src:
                 meta['trained_on'][name] = _copy_stage(src, os.path.join(out, name), backbone=name == 'stage2')
-        from sce_mae_jax.train import common
+        from sce_mae_jax.train import checkpoints
         for unit in regressor_units(workdir):
             if unit.row not in EXPORTED_ROWS or (unit.row == 'sce_mae' and not stage2) or \
                     (unit.row == 'mae' and not stage1):
@@ -125,7 +125,7 @@ def export(workdir: str, out: str, fmt: str = 'jax') -> dict:
             fileio.makedirs(dst)
             settings = unit.settings()
             fileio.write_text(os.path.join(dst, 'regressor.json'), json.dumps(settings, indent=2, sort_keys=True))
-            params = common.load_params(unit.path)
+            params = checkpoints.load_params(unit.path)
             _write_params(dst, _latest_step(unit.path), params)
             meta['regressors'][unit.name] = {'landmarks': int(params['combine'].shape[0]),
                                              'train_images': settings.get('train_images'),

@@ -9,7 +9,7 @@
 A model directory is a quick-start workdir (`stage1/`, `stage2/`, the detection regressors under
 `detection/<set>/<row>/`) or an export of one (the same layout, plus `model.json`). Its rows are loaded with
 the evaluation's own `evals.rows.load_rows`, features and predictions are the evaluation's functions
-(`evals.detection.predict`, `evals.matching.features_fn_for`, `evals.matching.match_points`), so a face gets
+(`evals.regressor.predict`, `evals.matching.features_fn_for`, `evals.metrics.match_points`), so a face gets
 here what the evaluation would give it. Images reach the model through `data.framing` (the training data's
 crop and resize), and points go back to each image's own pixels the same way.
 
@@ -30,9 +30,10 @@ import numpy as np
 from sce_mae_jax import fileio
 from sce_mae_jax.data import framing
 from sce_mae_jax.errors import ConfigError
-from sce_mae_jax.evals import detection, features, matching, rows as rows_lib
+from sce_mae_jax.evals import features, matching, metrics, regressor as regressor_lib, rows as rows_lib
 from sce_mae_jax.models.heads import Regressor
 from sce_mae_jax.train import common
+from sce_mae_jax.train import checkpoints
 
 # the rows a model directory can feed a regressor with, best first: the paper's model, then its stage 1
 PREFERRED_ROWS = ('sce_mae', 'mae')
@@ -78,7 +79,7 @@ def regressor_units(path: str) -> list[RegressorUnit]:
     for s in sorted(fileio.listdir(root)):
         for r in sorted(fileio.listdir(os.path.join(root, s)) if fileio.isdir(os.path.join(root, s)) else []):
             unit = os.path.join(root, s, r)
-            if fileio.exists(os.path.join(unit, 'regressor.json')) and common.has_checkpoint(unit):
+            if fileio.exists(os.path.join(unit, 'regressor.json')) and checkpoints.has_checkpoint(unit):
                 out.append(RegressorUnit(s, r, unit))
     return out
 
@@ -115,8 +116,8 @@ def _as_images(images) -> list[np.ndarray]:
 # one compilation per program: every Landmarker of a process (and every batch of it) shares them
 @functools.lru_cache(maxsize=None)
 def _landmark_program(encoder, kind, projector, stride, block, regressor, mesh):
-    feats_fn = detection.features_fn(rows_lib.Row('program', kind, projector=projector), encoder, stride, block)
-    fn = functools.partial(detection.predict, feats_fn=feats_fn, regressor=regressor, size=encoder.image_size)
+    feats_fn = regressor_lib.features_fn(rows_lib.Row('program', kind, projector=projector), encoder, stride, block)
+    fn = functools.partial(regressor_lib.predict, feats_fn=feats_fn, regressor=regressor, size=encoder.image_size)
     repl, data = common.replicated(mesh), common.data_sharded(mesh)
     return jax.jit(fn, in_shardings=(repl, repl, data), out_shardings=repl)
 
@@ -171,7 +172,7 @@ class Landmarker:
         if settings.get('digest') not in (None, row.digest):
             raise ConfigError(f'regressor {unit.path} was trained on other {unit.row} weights than {row.source} '
                               'holds (its digest differs); retrain it, or export the workdir it came from')
-        params = common.load_params(unit.path)
+        params = checkpoints.load_params(unit.path)
         rc = settings['regressor']
         self.regressor = Regressor(params['combine'].shape[0], rc['heatmaps_per_landmark'], tuple(rc['hidden']),
                                    rc['kernel_size'], rc['temperature'])
@@ -179,7 +180,7 @@ class Landmarker:
         self._landmark_fn = _landmark_program(self.encoder, row.kind, row.projector, fc['stride'], fc['block'],
                                               self.regressor, self.mesh)
         self.regressor_row, self.regressor_params = row, common.replicate(params, self.mesh)
-        self._frozen = common.replicate(detection.frozen_of(row), self.mesh)
+        self._frozen = common.replicate(regressor_lib.frozen_of(row), self.mesh)
         self.regressor_name, self.num_landmarks = unit.name, int(params['combine'].shape[0])
 
     # ------------------------------------------------------------------------------------------ framing
@@ -233,7 +234,7 @@ class Landmarker:
 
     def match(self, a, b, points=None, crop: str = 'center', boxes=None) -> np.ndarray:
         """Where `points` ((L, 2) xy in image `a`; default: its landmarks) land in image `b`, by the
-        evaluation's rule (`matching.match_points`): (L, 2) xy in b's pixels."""
+        evaluation's rule (`metrics.match_points`): (L, 2) xy in b's pixels."""
         return self.correspondences(a, b, points, crop, boxes)['target_points']
 
     def correspondences(self, a, b, points=None, crop: str = 'center', boxes=None) -> dict:
@@ -246,8 +247,8 @@ class Landmarker:
             points = frames[0].to_model(np.asarray(points, np.float64).reshape(-1, 2))
         outside = (points < -0.5) | (points > self.size - 0.5)
         feats = self.features_in_model_frame(crops)
-        pred = np.asarray(matching.match_points(feats[:1], feats[1:], points[None].astype(np.float32)))[0]
-        query = np.asarray(matching.descriptors_at(feats[:1], points[None]))[0]        # (L, C), unit norm
+        pred = np.asarray(metrics.match_points(feats[:1], feats[1:], points[None].astype(np.float32)))[0]
+        query = np.asarray(metrics.descriptors_at(feats[:1], points[None]))[0]        # (L, C), unit norm
         tgt = feats[1] / np.maximum(np.linalg.norm(feats[1], axis=-1, keepdims=True), 1e-8)
         return {'source_image': crops[0], 'target_image': crops[1], 'source_points_model': points,
                 'target_points_model': pred, 'similarity': np.einsum('lc,hwc->lhw', query, tgt),

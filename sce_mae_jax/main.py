@@ -34,8 +34,8 @@ def user_errors() -> tuple[type, ...]:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-    from sce_mae_jax import workdir
-    message = workdir.problem(FLAGS.workdir)  # before JAX starts: a bad path costs a second, not a compile
+    from sce_mae_jax import workdir as workdir_lib
+    message = workdir_lib.problem(FLAGS.workdir)  # before JAX starts: a bad path costs a second, not a compile
     if message is not None:
         sys.exit(f'error: {message}')
     cli.quiet_library_logs()
@@ -54,9 +54,8 @@ def main(argv):
     logging.vlog(1, 'config:\n%s', config)
     from sce_mae_jax import fileio
     new_workdir = not fileio.exists(FLAGS.workdir)
-    from sce_mae_jax.train import common
     try:
-        with common.workdir_lock(FLAGS.workdir):  # a second run on this workdir stops here
+        with workdir_lib.workdir_lock(FLAGS.workdir):  # a second run on this workdir stops here
             jobs.run(config, FLAGS.workdir)
     except Exception as e:  # pylint: disable=broad-except
         message = _one_line(e)
@@ -73,6 +72,7 @@ def main(argv):
         except OSError:
             pass
         _exit(1, f'error: {message}', quick=errors.storage_cause(e) is not None)
+    from sce_mae_jax.train import common
     signum = common.preempted_by()
     if signum is not None:  # after the final checkpoint: tells a scheduler to requeue (launch/slurm.sh does)
         _exit(128 + signum, f'stopped by signal {signum} after checkpointing; exit status {128 + signum} '

@@ -13,7 +13,9 @@ from absl import logging
 from sce_mae_jax.models.mae import RANDOM_INIT
 from sce_mae_jax import config_lib
 from sce_mae_jax.evals import detection, matching
-from sce_mae_jax.train import carb, common, pretrain
+from sce_mae_jax.train import carb, pretrain, split_inputs
+from sce_mae_jax.errors import ConfigError
+from sce_mae_jax import workdir as workdir_lib
 
 ARCH = ('embed_dim', 'depth', 'num_heads', 'mlp_ratio', 'patch_size', 'image_size')
 
@@ -24,7 +26,7 @@ def _stage2(config, stage1_config, init_from: str):
         stage2.init_from = init_from
         for key in ARCH:  # stage 2 reads the backbone architecture stage 1 trained
             stage2.model[key] = stage1_config.model[key]
-        for key in carb.MAE_FIELDS:  # the control's untrained MAE for split=recon is stage 1's, untrained
+        for key in split_inputs.MAE_FIELDS:  # the control's untrained MAE for split=recon is stage 1's, untrained
             stage2.carb.untrained_decoder[key] = stage1_config.model[key]
     return stage2
 
@@ -46,10 +48,10 @@ def parse_overrides(spec: str) -> dict[str, object]:
     for item in filter(None, (x.strip() for x in spec.split(';'))):
         key, sep, value = item.partition('=')
         if not sep:
-            raise common.ConfigError(f'stage-2 variant {spec!r}: {item!r} is not KEY=VALUE')
+            raise ConfigError(f'stage-2 variant {spec!r}: {item!r} is not KEY=VALUE')
         if key == 'ablation':
             if value not in config_lib.ABLATIONS:
-                raise common.ConfigError(f'stage-2 variant {spec!r}: unknown ablation {value!r}; choose one of '
+                raise ConfigError(f'stage-2 variant {spec!r}: unknown ablation {value!r}; choose one of '
                                          f'{", ".join(sorted(config_lib.ABLATIONS))}')
             out.update(config_lib.ABLATIONS[value])
             continue
@@ -85,13 +87,13 @@ def _with(config, overrides: dict):
             for g in groups:
                 target = target[g]
             if field not in target:
-                raise common.ConfigError(f'stage-2 variant sets {key}, which stage 2 does not have')
+                raise ConfigError(f'stage-2 variant sets {key}, which stage 2 does not have')
             target[field] = tuple(value) if isinstance(value, list) else value
     return config
 
 
 def train(config, workdir: str) -> dict:
-    common.prepare_workdir(workdir, config)
+    workdir_lib.prepare_workdir(workdir, config)
     dirs = {name: os.path.join(workdir, name) for name in ('stage1', 'stage2_random_init')}
     logging.info('pipeline: stage 1 (MAE) → %s', dirs['stage1'])
     out = pretrain.train(config.stage1, dirs['stage1'])

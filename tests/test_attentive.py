@@ -3,7 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sce_mae_jax.evals import attentive
-from sce_mae_jax.evals.attentive import attentive_coverage, landmark_recall, landmark_tokens, position_concentration
+from sce_mae_jax.evals.metrics import attentive_coverage, landmark_recall, landmark_tokens, position_concentration
 
 
 def test_landmark_tokens_marks_the_right_cells():

@@ -16,7 +16,7 @@ import pytest
 
 from conftest import REPO, cpu_env
 
-from sce_mae_jax import carb
+from sce_mae_jax import carb, splits
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -579,10 +579,10 @@ def test_debiased_cls_matches_reference():
     rng = np.random.default_rng(1)
     logits = rng.normal(size=(4, 3, 36)).astype(np.float32)
     prior = ref_cls_sim(rng.normal(size=(16, 3, 36))).mean(0)
-    got = np.asarray(carb.debiased_cls_scores(jnp.asarray(logits), jnp.asarray(prior, jnp.float32)))
+    got = np.asarray(splits.debiased_cls_scores(jnp.asarray(logits), jnp.asarray(prior, jnp.float32)))
     np.testing.assert_allclose(got, np.log(ref_cls_sim(logits.astype(np.float64)) + 1e-12) - np.log(prior + 1e-12),
                                rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(np.asarray(carb.cls_prior(jnp.asarray(logits))), ref_cls_sim(logits).mean(0),
+    np.testing.assert_allclose(np.asarray(splits.cls_prior(jnp.asarray(logits))), ref_cls_sim(logits).mean(0),
                                rtol=1e-5)
 
 
@@ -595,10 +595,10 @@ def test_debiased_cls_ignores_a_fixed_position_sink():
     logits[:, :, 0] += 6.0
     content = rng.choice(np.arange(1, n), b, replace=False)
     logits[np.arange(b), :, content] += 2.0
-    prior = carb.cls_prior(jnp.asarray(logits))
+    prior = splits.cls_prior(jnp.asarray(logits))
     one = 1 / n  # η giving one attentive token
     assert np.all(np.asarray(carb.top_scores_mask(carb.cls_similarity(jnp.asarray(logits)), one))[:, 0])
-    debiased = np.asarray(carb.top_scores_mask(carb.debiased_cls_scores(jnp.asarray(logits), prior), one))
+    debiased = np.asarray(carb.top_scores_mask(splits.debiased_cls_scores(jnp.asarray(logits), prior), one))
     np.testing.assert_array_equal(np.argmax(debiased, axis=1), content)
 
 
@@ -616,7 +616,7 @@ def ref_low_density(tokens, k):
 @pytest.mark.parametrize('k', [1, 5, 50])
 def test_low_density_matches_reference(k):
     tokens = np.random.default_rng(3).normal(size=(2, 30, 8)).astype(np.float32)
-    np.testing.assert_allclose(np.asarray(carb.low_density_scores(jnp.asarray(tokens), k)),
+    np.testing.assert_allclose(np.asarray(splits.low_density_scores(jnp.asarray(tokens), k)),
                                ref_low_density(tokens, k), rtol=1e-4, atol=1e-5)
 
 
@@ -632,8 +632,8 @@ def _copies_and_one_distinct(grid=6, c=8, seed=4):
 def test_low_density_and_contrast_find_one_distinct_token_among_copies():
     tokens, distinct = _copies_and_one_distinct()
     one = 1 / 36
-    for scores in (carb.low_density_scores(jnp.asarray(tokens), 5),
-                   carb.neighbour_contrast_scores(jnp.asarray(tokens), 6, 6)):
+    for scores in (splits.low_density_scores(jnp.asarray(tokens), 5),
+                   splits.neighbour_contrast_scores(jnp.asarray(tokens), 6, 6)):
         np.testing.assert_array_equal(np.argmax(np.asarray(carb.top_scores_mask(scores, one)), axis=1), distinct)
 
 
@@ -654,34 +654,34 @@ def ref_contrast(tokens, gh, gw):
 
 def test_neighbour_contrast_matches_reference_on_a_rectangular_grid():
     tokens = np.random.default_rng(5).normal(size=(2, 4 * 7, 6)).astype(np.float32)
-    np.testing.assert_allclose(np.asarray(carb.neighbour_contrast_scores(jnp.asarray(tokens), 4, 7)),
+    np.testing.assert_allclose(np.asarray(splits.neighbour_contrast_scores(jnp.asarray(tokens), 4, 7)),
                                ref_contrast(tokens, 4, 7), rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match='grid'):
-        carb.neighbour_contrast_scores(jnp.asarray(tokens), 5, 5)
+        splits.neighbour_contrast_scores(jnp.asarray(tokens), 5, 5)
 
 
 def test_complementary_masks():
-    masks = carb.complementary_masks(144, 36, seed=3)
+    masks = splits.complementary_masks(144, 36, seed=3)
     assert masks.shape == (4, 144)
     assert np.all(masks.sum(1) == 144 - 36)               # each removes what stage 1 trained to remove
     assert np.all((1 - masks).sum(0) == 1)                 # visible sets partition the tokens
-    odd = carb.complementary_masks(10, 3)                  # 3 groups of 3, token left over always removed
+    odd = splits.complementary_masks(10, 3)                  # 3 groups of 3, token left over always removed
     assert odd.shape == (3, 10) and np.all(odd.sum(0) >= 2)
     with pytest.raises(ValueError):
-        carb.complementary_masks(10, 10)
+        splits.complementary_masks(10, 10)
 
 
 def test_reconstruction_scores_average_over_the_masks_that_removed_the_token():
     rng = np.random.default_rng(6)
-    masks = carb.complementary_masks(12, 3, seed=0)
+    masks = splits.complementary_masks(12, 3, seed=0)
     errors = rng.uniform(size=(4, 2, 12)).astype(np.float32)
     want = np.zeros((2, 12))
     for b in range(2):
         for i in range(12):
             want[b, i] = np.mean([errors[m, b, i] for m in range(4) if masks[m, i]])
-    np.testing.assert_allclose(np.asarray(carb.reconstruction_scores(jnp.asarray(errors), jnp.asarray(masks))), want,
+    np.testing.assert_allclose(np.asarray(splits.reconstruction_scores(jnp.asarray(errors), jnp.asarray(masks))), want,
                                rtol=1e-6)
     # the token reconstructed worst whenever it is hidden is the attentive one
     errors[:, :, 5] += 10 * masks[:, None, 5]
-    top = carb.top_scores_mask(carb.reconstruction_scores(jnp.asarray(errors), jnp.asarray(masks)), 1 / 12)
+    top = carb.top_scores_mask(splits.reconstruction_scores(jnp.asarray(errors), jnp.asarray(masks)), 1 / 12)
     assert np.all(np.asarray(top)[:, 5])

@@ -17,6 +17,8 @@ from conftest import REPO, TINY_MODEL, cpu_env
 
 from sce_mae_jax import fileio
 from sce_mae_jax.train import common
+from sce_mae_jax.errors import RunStopped
+from sce_mae_jax import workdir as workdir_lib
 
 
 @pytest.fixture
@@ -58,7 +60,7 @@ def test_fake_gcs_refuses_appends(gcs):
 
 def test_files_metrics_and_lock(workdir, monkeypatch):
     wd, local = workdir
-    common.ensure_workdir(wd)
+    workdir_lib.ensure_workdir(wd)
     fileio.write_text(os.path.join(wd, 'a.json'), '{"x": 1}')
     assert json.load(open(os.path.join(local, 'a.json'))) == {'x': 1}
     assert not os.path.exists(os.path.join(local, 'a.json.tmp'))
@@ -73,17 +75,17 @@ def test_files_metrics_and_lock(workdir, monkeypatch):
     assert [r['step'] for r in common.read_metrics(wd)] == [1, 2, 3]
     assert [n for n in os.listdir(os.path.join(local, 'tb')) if n.startswith('events.out.tfevents')]
     # the lock: held → a second run refused; released at the end; re-entrant within a process
-    lock = os.path.join(local, common.LOCK)
-    with common.workdir_lock(wd):
+    lock = os.path.join(local, workdir_lib.LOCK)
+    with workdir_lib.workdir_lock(wd):
         assert json.load(open(lock))['pid'] == os.getpid()
-        with common.workdir_lock(wd):
+        with workdir_lib.workdir_lock(wd):
             pass
         assert os.path.exists(lock)
     assert not os.path.exists(lock)
     with open(lock, 'w') as f:
         json.dump({'pid': 1, 'host': socket.gethostname(), 'started': 'then'}, f)  # pid 1 is alive
-    with pytest.raises(common.RunStopped, match='in use by pid 1'):
-        with common.workdir_lock(wd):
+    with pytest.raises(RunStopped, match='in use by pid 1'):
+        with workdir_lib.workdir_lock(wd):
             pass
     assert fileio.isdir(wd) and sorted(fileio.listdir(wd)) == sorted(os.listdir(local))
 
@@ -123,7 +125,7 @@ def test_stage1_stage2_and_matching_in_a_bucket(tmp_path):
     assert {'3', '4'} <= set(os.listdir(os.path.join(s1, 'checkpoints')))
     assert os.path.exists(os.path.join(s1, 'figures', 'recon_0000003.png'))
     assert len(os.listdir(os.path.join(s1, 'tb'))) == 2 and json.load(open(os.path.join(s1, 'config.json')))
-    assert not os.path.exists(os.path.join(s1, common.LOCK))
+    assert not os.path.exists(os.path.join(s1, workdir_lib.LOCK))
 
     _main(root, cwd, [cfg('carb_deit_t.py'), *TINY_MODEL[:3], '--config.carb.layer=0', '--config.batch_size=8',
                       '--config.total_steps=3', '--config.figure_every=3', '--config.carb.split=cls_debiased',

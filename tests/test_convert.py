@@ -71,7 +71,8 @@ def test_not_a_mae_state_dict_is_a_clear_error():
 def test_converted_checkpoint_is_what_init_from_loads(tmp_path):
     import ml_collections
 
-    from sce_mae_jax.train.common import ConfigError, load_params
+    from sce_mae_jax.errors import ConfigError
+    from sce_mae_jax.train.checkpoints import load_params
     from sce_mae_jax.convert import write_checkpoint
 
     sd = _torch_layout_state_dict(np.random.default_rng(1))

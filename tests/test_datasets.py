@@ -8,6 +8,7 @@ Matlab offsets, y/x order, non-square resizes, 300W box crop with padding) indep
 from __future__ import annotations
 
 import pickle
+import shutil
 import sys
 import types
 from pathlib import Path
@@ -15,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import scipy.io
+import tensorflow_datasets as tfds
 from PIL import Image
 
 from sce_mae_jax.data import preprocess, prepare as prepare_cli, sources
@@ -330,6 +332,31 @@ def test_unknown_name_and_split():
         sources.get_source('mafll', 'test')
     with pytest.raises(ValueError, match='splits'):
         sources.get_source('celeba', 'train')
+
+
+def test_images_are_stored_as_raw_bytes(trees):
+    s = src(trees, 'mafl', 'test')
+    builder = sources.get_builder('mafl', trees['data_dir'])
+    assert str(builder.version) == '1.1.0'
+    assert builder.info.features['image']._encoding == tfds.features.Encoding.BYTES  # no public accessor
+    assert s[0]['image'].dtype == np.uint8 and s[0]['image'].shape == (136, 136, 3)
+
+
+def test_dataset_of_an_older_encoding_is_refused_with_the_prepare_command(trees, tmp_path):
+    """A data_dir holding only version 1.0.0 (images as one int64 per byte) is never read as 1.1.0: one line
+    says to prepare it again and how."""
+    src(trees, 'mafl', 'test')
+    new = sources.get_builder('mafl', trees['data_dir']).data_path
+    old = tmp_path / 'tfds'
+    shutil.copytree(new.parent, old / new.parent.name)
+    (old / new.parent.name / '1.1.0').rename(old / new.parent.name / '1.0.0')
+    with pytest.raises(DatasetError) as e:
+        sources.get_source('mafl', 'test', data_dir=old)
+    line = str(e.value)
+    assert '\n' not in line and 'older version' in line and '1.0.0' in line
+    assert f'python -m sce_mae_jax.data.prepare --dataset=mafl --manual_dir=<its raw files> --data_dir={old}' in line
+    # with the raw files at hand it is prepared again in the current encoding
+    assert len(sources.get_source('mafl', 'test', manual_dir=trees['mafl'], data_dir=old)) == 2
 
 
 def test_not_prepared_without_manual_dir(tmp_path):

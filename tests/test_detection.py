@@ -15,10 +15,10 @@ import pytest
 from conftest import REPO, TINY_FIELDS, cpu_env, run_main, train_here
 from sce_mae_jax import config_lib
 from sce_mae_jax.data import pipeline
-from sce_mae_jax.evals import detection as D
+from sce_mae_jax.evals import detection as D, metrics, regressor as R
 from sce_mae_jax.models.heads import Regressor, cell_centres, soft_argmax
 from sce_mae_jax.models.vit import patchify
-from sce_mae_jax.train.common import ConfigError
+from sce_mae_jax.errors import ConfigError
 
 
 # ---------------------------------------------------------------------------------------------- pure functions
@@ -50,17 +50,17 @@ def test_soft_argmax_of_one_hot_is_the_cell_centre():
     # on a 12x12 map of a 96-px image, the 8-px cell [40, 48) x [24, 32) is centred at pixel (43.5, 27.5)
     square = np.zeros((1, 12, 12, 1), np.float32)
     square[0, 3, 5, 0] = 1.0
-    np.testing.assert_allclose(np.asarray(D.to_pixels(soft_argmax(square), 96))[0, 0], [43.5, 27.5], atol=1e-4)
+    np.testing.assert_allclose(np.asarray(R.to_pixels(soft_argmax(square), 96))[0, 0], [43.5, 27.5], atol=1e-4)
 
 
 def test_coordinates_round_trip_with_half_pixel_centres():
     x = np.array([[0.0, 95.0], [47.5, 12.25], [-0.5, 95.5]], np.float32)
-    u = np.asarray(D.to_normalized(x, 96))
+    u = np.asarray(R.to_normalized(x, 96))
     np.testing.assert_allclose(u[2], [-1.0, 1.0], atol=1e-6)       # the image edges
     np.testing.assert_allclose(u[1, 0], 0.0, atol=1e-6)            # the image centre
-    np.testing.assert_allclose(np.asarray(D.to_pixels(u, 96)), x, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(R.to_pixels(u, 96)), x, atol=1e-4)
     # cell centres of a 48-cell (stride-2) map sit at pixels 2c + 0.5
-    np.testing.assert_allclose(np.asarray(D.to_pixels(cell_centres(48), 96)), 2 * np.arange(48) + 0.5, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(R.to_pixels(cell_centres(48), 96)), 2 * np.arange(48) + 0.5, atol=1e-4)
 
 
 def test_iod_error_five_points_by_hand():
@@ -69,7 +69,7 @@ def test_iod_error_five_points_by_hand():
     pred[0, 0] += [3, 0]       # 3 px
     pred[0, 2] += [0, -6]      # 6 px
     pred[0, 4] += [3, 4]       # 5 px
-    err = np.asarray(D.iod_error(pred, gt, (0, 1)))
+    err = np.asarray(metrics.iod_error(pred, gt, (0, 1)))
     np.testing.assert_allclose(err, [100 * (3 + 6 + 5) / 5 / 30], rtol=1e-6)   # 9.333...
 
 
@@ -79,7 +79,7 @@ def test_iod_error_68_points_by_hand():
     gt[0, 36], gt[0, 45] = (20, 50), (70, 50)     # outer eye corners 50 px apart
     gt[1, 36], gt[1, 45] = (30, 30), (54, 40)     # 26 px apart
     pred = gt + np.array([3, 4], np.float32)      # every point 5 px off
-    np.testing.assert_allclose(np.asarray(D.iod_error(pred, gt, (36, 45))), [10.0, 100 * 5 / 26], rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(metrics.iod_error(pred, gt, (36, 45))), [10.0, 100 * 5 / 26], rtol=1e-5)
 
 
 def test_smooth_l1_on_ten_times_coordinates():
@@ -87,17 +87,17 @@ def test_smooth_l1_on_ten_times_coordinates():
     pred, target = rng.uniform(-1, 1, (4, 5, 2)), rng.uniform(-1, 1, (4, 5, 2))
     d = np.abs(10 * (pred - target))
     want = np.where(d < 1, 0.5 * d ** 2, d - 0.5).mean()
-    assert abs(float(D.smooth_l1(jnp.asarray(pred), jnp.asarray(target))) - want) < 1e-5
+    assert abs(float(R.smooth_l1(jnp.asarray(pred), jnp.asarray(target))) - want) < 1e-5
     # by hand: differences 0.05 and 0.3 → 10× = 0.5 and 3 → 0.125 and 2.5
-    got = D.smooth_l1(jnp.array([0.05, 0.3]), jnp.zeros(2))
+    got = R.smooth_l1(jnp.array([0.05, 0.3]), jnp.zeros(2))
     assert abs(float(got) - (0.125 + 2.5) / 2) < 1e-6
 
 
 def test_pixel_windows_are_the_patch_window_of_each_cell():
     img = np.random.default_rng(2).normal(size=(1, 32, 32, 3)).astype(np.float32)
-    np.testing.assert_allclose(np.asarray(D.pixel_windows(img, patch=8, stride=8)).reshape(1, 16, -1),
+    np.testing.assert_allclose(np.asarray(R.pixel_windows(img, patch=8, stride=8)).reshape(1, 16, -1),
                                np.asarray(patchify(img, 8)), atol=0)
-    win = np.asarray(D.pixel_windows(img, patch=8, stride=2))      # (1, 16, 16, 192)
+    win = np.asarray(R.pixel_windows(img, patch=8, stride=2))      # (1, 16, 16, 192)
     padded = np.pad(img, ((0, 0), (3, 8), (3, 8), (0, 0)))         # window of cell r starts at 2r − 3
     for r, c in [(0, 0), (5, 9), (15, 15), (7, 2)]:
         want = padded[0, 2 * r:2 * r + 8, 2 * c:2 * c + 8].reshape(-1)
@@ -136,7 +136,7 @@ def test_regressor_learns_a_toy_problem():
 
     @jax.jit
     def step(params, opt, x, y):
-        loss, g = jax.value_and_grad(lambda p: D.smooth_l1(reg.apply({'params': p}, x), y))(params)
+        loss, g = jax.value_and_grad(lambda p: R.smooth_l1(reg.apply({'params': p}, x), y))(params)
         u, opt = tx.update(g, opt, params)
         return optax.apply_updates(params, u), opt, loss
 

@@ -18,8 +18,9 @@ from sce_mae_jax import Landmarker, config_lib, export, predict
 from sce_mae_jax.data import framing, pipeline
 from sce_mae_jax.data.sources import get_source
 from sce_mae_jax.errors import ConfigError
-from sce_mae_jax.evals import detection, rows as rows_lib
+from sce_mae_jax.evals import detection, regressor, rows as rows_lib
 from sce_mae_jax.train import carb, common, pretrain
+from sce_mae_jax.train import checkpoints
 
 TINY = dict(embed_dim=48, depth=2, num_heads=2)
 PAD = 32   # face1.png: the 136-px face with 32 black columns each side
@@ -58,13 +59,13 @@ def faces():
 
 
 def _evaluation_predict(model, crops):
-    """The detection job's own jitted `predict` (evals/detection.Regression) with the regressor it trained."""
+    """The detection job's own jitted `predict` (evals/regressor.Regression) with the regressor it trained."""
     root, det = model
     encoder, rows, _ = rows_lib.load_rows(det)
     task = detection.Task('synthetic_5', None, [], 5, (0, 1), 'synthetic')
-    fns = detection.Regression(det, row=rows[0], encoder=encoder, mesh=common.make_mesh(), task=task, total_steps=1,
+    fns = regressor.Regression(det, row=rows[0], encoder=encoder, mesh=common.make_mesh(), task=task, total_steps=1,
                                lr=det.lr)
-    params = common.load_params(os.path.join(root, 'detection', 'synthetic_5', 'sce_mae'))
+    params = checkpoints.load_params(os.path.join(root, 'detection', 'synthetic_5', 'sce_mae'))
     return np.asarray(fns.predict(params, fns.frozen, jax.numpy.asarray(crops)))
 
 
@@ -193,7 +194,7 @@ def test_export_is_the_same_model(model, faces, tmp_path):
     assert meta['evaluation']['detection'] == results['detection'] == json.load(
         open(os.path.join(out, 'model.json')))['evaluation']['detection']
     # the whole MAE (decoder too) and nothing of the training (no optimiser state)
-    params = common.load_params(os.path.join(out, 'stage1'))
+    params = checkpoints.load_params(os.path.join(out, 'stage1'))
     assert {'encoder', 'decoder_pred', 'decoder_blocks_0', 'mask_token'} <= set(params)
     assert not os.path.exists(os.path.join(out, 'stage1', 'metrics.jsonl'))
     images, _ = faces
@@ -219,4 +220,4 @@ def test_torch_export_is_the_stage1_mae(model, tmp_path):
     meta = export.export(root, str(tmp_path / 't'), 'torch')
     assert meta['trained_on']['stage1']['steps'] == 1 and 'mae.pth' in meta['files']
     back = mae_from_torch(load_torch_state_dict(str(tmp_path / 't' / 'mae.pth')))
-    jax.tree.map(np.testing.assert_array_equal, back, common.load_params(os.path.join(root, 'stage1')))
+    jax.tree.map(np.testing.assert_array_equal, back, checkpoints.load_params(os.path.join(root, 'stage1')))

@@ -26,7 +26,9 @@ def test_loss_falls(tmp_path, tiny_pretrain_args):
     assert sorted(os.listdir(tmp_path / 'figures')) == ['recon_0000060.png', 'recon_0000120.png']
     assert any(f.startswith('events.out.tfevents') for f in os.listdir(tmp_path / 'tb'))
     rec = json.loads(open(tmp_path / 'metrics.jsonl').readline())
-    assert {'step', 'loss', 'lr', 'grad_norm', 'images_per_s', 'images_per_s_per_device', 'eta_hours'} <= set(rec)
+    assert {'step', 'loss', 'lr', 'grad_norm', 'images_per_s', 'images_per_s_per_device', 'eta_hours',
+            'input_wait'} <= set(rec)
+    assert 0.0 <= rec['input_wait'] <= 1.0
 
 
 @pytest.fixture(scope='module')

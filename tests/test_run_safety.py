@@ -22,20 +22,26 @@ import orbax.checkpoint as ocp
 import pytest
 
 from conftest import REPO, losses, run_main
+from sce_mae_jax import workdir as workdir_lib
 from sce_mae_jax.data import pipeline
-from sce_mae_jax.train import common
+from sce_mae_jax.errors import RunStopped
+from sce_mae_jax.train import checkpoints, common
 
 
 class _Source:
+    def __init__(self, delay=0.0):
+        self.delay = delay  # seconds per example: an input pipeline slower than the step
+
     def __len__(self):
         return 64
 
     def __getitem__(self, i):
+        time.sleep(self.delay)
         x = np.random.default_rng(int(i)).normal(size=4).astype(np.float32)
         return {'x': x, 'y': np.float32(x.sum())}
 
 
-def _run(workdir, *, total_steps=8, nan_from=None, checkpoint_every=2, keep=2, figure_fn=None):
+def _run(workdir, *, total_steps=8, nan_from=None, checkpoint_every=2, keep=2, figure_fn=None, delay=0.0):
     """Trains w in y ≈ x·w with SGD; from step `nan_from` on the loss is NaN (as after a blow-up)."""
     config = ml_collections.ConfigDict(dict(batch_size=8, log_every=1, figure_every=int(figure_fn is not None),
                                             checkpoint_every=checkpoint_every, keep_checkpoints=keep))
@@ -58,7 +64,7 @@ def _run(workdir, *, total_steps=8, nan_from=None, checkpoint_every=2, keep=2, f
         return ({'step': state['step'] + 1, 'params': optax.apply_updates(state['params'], updates),
                  'opt_state': opt_state}, {'loss': loss, 'grad_norm': optax.tree.norm(grads)})
 
-    it = pipeline.train_iterator(_Source(), global_batch=8, seed=0, transform=lambda e: e, random=False,
+    it = pipeline.train_iterator(_Source(delay), global_batch=8, seed=0, transform=lambda e: e, random=False,
                                  num_threads=1)
     return common.train_loop(config, str(workdir), state=state, state_sharding=state_sh,
                              step_fn=jax.jit(step, donate_argnums=0), data_iter=it, batch_sharding=data_sh,
@@ -71,7 +77,7 @@ def _steps(workdir):
 
 def _finite_params(workdir, step):
     mngr = ocp.CheckpointManager(workdir / 'checkpoints', item_handlers={'state': ocp.StandardCheckpointHandler()})
-    target = common.local_target(mngr.item_metadata(step)['state'])
+    target = checkpoints.local_target(mngr.item_metadata(step)['state'])
     state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))['state']
     mngr.close()
     return all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state))
@@ -80,16 +86,16 @@ def _finite_params(workdir, step):
 # ---------------------------------------------------------------------------------------------- non-finite
 def test_nonfinite_loss_stops_naming_the_step_and_keeps_finite_checkpoints(tmp_path):
     _run(tmp_path, total_steps=4)                       # checkpoints 2, 4
-    with pytest.raises(common.RunStopped, match=r'step 7: non-finite loss and grad_norm: training diverged after 2 '
+    with pytest.raises(RunStopped, match=r'step 7: non-finite loss and grad_norm: training diverged after 2 '
                                                 r'finite steps from the verified checkpoint at step 4.*step 6 .* kept'):
         _run(tmp_path, total_steps=12, nan_from=7)      # 6 is saved, 7 turns NaN, 8 would be saved
     assert _steps(tmp_path) == [4, 6]                    # keep=2: nothing rotated out by a NaN step
     assert all(_finite_params(tmp_path, s) for s in _steps(tmp_path))
-    assert not os.path.exists(tmp_path / common.LOCK)
+    assert not os.path.exists(tmp_path / workdir_lib.LOCK)
 
 
 def test_nonfinite_between_checkpoints_is_caught_at_the_next_log(tmp_path):
-    with pytest.raises(common.RunStopped, match='step 3: non-finite'):
+    with pytest.raises(RunStopped, match='step 3: non-finite'):
         _run(tmp_path, total_steps=8, nan_from=3, checkpoint_every=100)
     assert _steps(tmp_path) == [1]  # orbax saves a run's first step; nothing after the NaN
 
@@ -142,14 +148,14 @@ def _records(workdir):
 def test_altered_checkpoint_is_caught_by_verification_and_the_previous_restored(tmp_path, caplog, finite):
     """Bytes changed inside a data file restore without an error; only the checksums and the finiteness check
     tell."""
-    mngr = common.checkpoint_manager(str(tmp_path), max_to_keep=3, save_interval_steps=1, with_data_iter=False)
+    mngr = checkpoints.checkpoint_manager(str(tmp_path), max_to_keep=3, save_interval_steps=1, with_data_iter=False)
     rng = np.random.default_rng(0)
     # finite floats of random bits do not compress: zstd stores them as they are, so the overwrite below
     # lands in the values (compressed data, as in the issue's run, turns into garbage values or a read error)
     noise = lambda: rng.integers(0, 2**32, (64, 256), np.uint32) & np.uint32(0xBFFFFFFF)  # noqa: E731
     states = {s: {'step': jnp.int32(s), 'params': {'w': jnp.asarray(noise().view(np.float32))}} for s in (1, 2)}
     for s, state in states.items():
-        common.save_checkpoint(mngr, s, state)
+        checkpoints.save_checkpoint(mngr, s, state)
     mngr.wait_until_finished()
     mngr.close()
     (big,) = sorted(_data_files(tmp_path / 'checkpoints' / '2'), key=os.path.getsize)[-1:]
@@ -158,10 +164,10 @@ def test_altered_checkpoint_is_caught_by_verification_and_the_previous_restored(
         assert at > 0
         f.seek(at)
         f.write(np.full(1024, 0.5, np.float32).tobytes() if finite else b'\xff' * 4096)
-    mngr = common.checkpoint_manager(str(tmp_path), max_to_keep=3, save_interval_steps=1, with_data_iter=False)
+    mngr = checkpoints.checkpoint_manager(str(tmp_path), max_to_keep=3, save_interval_steps=1, with_data_iter=False)
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), states[2])
     with caplog.at_level(logging.WARNING):
-        restored = common.restore_latest(mngr, abstract, None, str(tmp_path))
+        restored = checkpoints.restore_latest(mngr, abstract, None, str(tmp_path))
     mngr.close()
     assert restored.step == 1 and restored.checksummed
     np.testing.assert_array_equal(restored.state['params']['w'], states[1]['params']['w'])  # nothing lost
@@ -177,7 +183,7 @@ def test_nan_after_an_unverifiable_restore_says_the_restored_state_is_bad(tmp_pa
     meta = json.loads(meta_path.read_text())
     meta['custom_metadata'] = {}                        # as written before checksums existed
     meta_path.write_text(json.dumps(meta))
-    with pytest.raises(common.RunStopped, match=r'step 5: non-finite loss and grad_norm at the first step after '
+    with pytest.raises(RunStopped, match=r'step 5: non-finite loss and grad_norm at the first step after '
                                                 r'restoring checkpoint 4: the restored state is bad .*move .*/4 to '
                                                 r'.*corrupt_checkpoints/'):
         _run(tmp_path, total_steps=8, nan_from=5)
@@ -226,7 +232,7 @@ def test_a_write_cut_short_by_a_full_disk_is_taken_back(tmp_path, monkeypatch):
 # ---------------------------------------------------------------------------------------------- one run per workdir
 def _write_lock(workdir, pid, host=None):
     os.makedirs(workdir, exist_ok=True)
-    with open(workdir / common.LOCK, 'w') as f:
+    with open(workdir / workdir_lib.LOCK, 'w') as f:
         json.dump({'pid': pid, 'host': host or socket.gethostname(), 'started': 'earlier'}, f)
 
 
@@ -234,14 +240,14 @@ def test_second_run_on_a_workdir_stops_with_who_holds_it(tmp_path):
     other = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])
     try:
         _write_lock(tmp_path, other.pid)
-        with pytest.raises(common.RunStopped, match=rf'in use by pid {other.pid} on {socket.gethostname()}.*delete'):
+        with pytest.raises(RunStopped, match=rf'in use by pid {other.pid} on {socket.gethostname()}.*delete'):
             _run(tmp_path, total_steps=2)
         assert not os.path.exists(tmp_path / 'checkpoints')
     finally:
         other.kill()
         other.wait()
     _write_lock(tmp_path, other.pid, host='another-host')  # alive or not: only its user can tell
-    with pytest.raises(common.RunStopped, match='another-host'):
+    with pytest.raises(RunStopped, match='another-host'):
         _run(tmp_path, total_steps=2)
 
 
@@ -250,16 +256,16 @@ def test_stale_lock_of_a_dead_process_is_taken_over(tmp_path):
     dead.wait()
     _write_lock(tmp_path, dead.pid)
     assert _run(tmp_path, total_steps=2)['step'] == 2
-    assert not os.path.exists(tmp_path / common.LOCK)  # released at the end
+    assert not os.path.exists(tmp_path / workdir_lib.LOCK)  # released at the end
 
 
 def test_lock_is_reentrant_and_held_during_the_run(tmp_path):
-    with common.workdir_lock(str(tmp_path)):
-        held = json.load(open(tmp_path / common.LOCK))
+    with workdir_lib.workdir_lock(str(tmp_path)):
+        held = json.load(open(tmp_path / workdir_lib.LOCK))
         assert held['pid'] == os.getpid() and held['host'] == socket.gethostname()
         _run(tmp_path, total_steps=2)                   # the pipeline's nesting: the inner lock is ours
-        assert os.path.exists(tmp_path / common.LOCK)
-    assert not os.path.exists(tmp_path / common.LOCK)
+        assert os.path.exists(tmp_path / workdir_lib.LOCK)
+    assert not os.path.exists(tmp_path / workdir_lib.LOCK)
 
 
 # ---------------------------------------------------------------------------------------------- full disk
@@ -273,7 +279,7 @@ def test_full_disk_during_a_save_is_a_clear_error_and_earlier_checkpoints_surviv
         return real_save(self, step, *a, **k)
 
     monkeypatch.setattr(ocp.CheckpointManager, 'save', save)
-    with pytest.raises(common.RunStopped, match=r'checkpointing at step 6 failed .*disk is full \(earlier '
+    with pytest.raises(RunStopped, match=r'checkpointing at step 6 failed .*disk is full \(earlier '
                                                 r'checkpoints \(1, 2, 4\) are intact\); free space and rerun'):
         _run(tmp_path / 'run', total_steps=8, keep=3)
     monkeypatch.setattr(ocp.CheckpointManager, 'save', real_save)
@@ -358,7 +364,7 @@ def test_storage_fault_is_one_line_naming_path_and_checkpoint_and_loses_nothing(
                  lambda path, *a: '.write_test' in str(path) and len(calls.append(0) or calls) == 5)
         says = (r'writing checkpoints \(.*checkpoints\) failed: permission denied; the newest intact checkpoint is '
                 r'step 4 .*fix the permissions')
-    with pytest.raises(common.RunStopped, match=says) as stopped:
+    with pytest.raises(RunStopped, match=says) as stopped:
         _run(tmp_path, total_steps=8, keep=3, figure_fn=figure_fn)
     assert '\n' not in str(stopped.value)
     monkeypatch.undo()
@@ -373,17 +379,17 @@ def test_unwritable_checkpoints_dir_stops_at_once(tmp_path, monkeypatch):
     _fail_at(monkeypatch, builtins, 'open', PermissionError(errno.EACCES, 'Permission denied'),
              lambda path, *a: '.write_test' in str(path))
     t0 = time.time()
-    with pytest.raises(common.RunStopped, match=r'writing checkpoints \(.*checkpoints\) failed: permission denied; '
+    with pytest.raises(RunStopped, match=r'writing checkpoints \(.*checkpoints\) failed: permission denied; '
                                                 r'there is no checkpoint yet; fix the permissions'):
         _run(tmp_path, total_steps=2)
     assert time.time() - t0 < 60
-    assert not os.path.exists(tmp_path / common.LOCK)
+    assert not os.path.exists(tmp_path / workdir_lib.LOCK)
 
 
 def test_read_only_lock_is_one_line(tmp_path, monkeypatch):
     _fail_at(monkeypatch, os, 'open', OSError(errno.EROFS, 'Read-only file system'),
-             lambda path, *a: str(path).endswith(common.LOCK))
-    with pytest.raises(common.RunStopped, match=r'writing the run lock \(.*run.lock\) failed: the file system is '
+             lambda path, *a: str(path).endswith(workdir_lib.LOCK))
+    with pytest.raises(RunStopped, match=r'writing the run lock \(.*run.lock\) failed: the file system is '
                                                 r'read-only; there is no checkpoint yet; use a writable workdir'):
         _run(tmp_path, total_steps=2)
 
@@ -418,7 +424,7 @@ def test_full_disk_in_the_background_commit_is_a_clear_error(tmp_path, monkeypat
         return real_rename(src, dst, *a, **k)
 
     monkeypatch.setattr(os, 'rename', rename)
-    with pytest.raises(common.RunStopped, match=r'checkpointing at step 8 failed .*disk is full'):
+    with pytest.raises(RunStopped, match=r'checkpointing at step 8 failed .*disk is full'):
         _run(tmp_path, total_steps=10, keep=3)
     monkeypatch.setattr(os, 'rename', real_rename)
     assert _steps(tmp_path)[-2:] == [2, 4] and all(_finite_params(tmp_path, s) for s in _steps(tmp_path))
@@ -450,7 +456,7 @@ def test_main_full_disk_exits_with_one_line_and_no_traceback(tmp_path, tiny_pret
         rf'error: writing checkpoint 2 \({tmp_path}/checkpoints\) would fail: the disk is full \(0.0 MiB free, a '
         rf'checkpoint needs about \d+\.\d MiB\); the newest intact checkpoint is step 1 '
         rf'\({tmp_path}/checkpoints/1\); free space and rerun to resume', proc.stderr.strip().splitlines()[-1])
-    assert _steps(tmp_path) == [1] and _records(tmp_path) == [1, 2] and not os.path.exists(tmp_path / common.LOCK)
+    assert _steps(tmp_path) == [1] and _records(tmp_path) == [1, 2] and not os.path.exists(tmp_path / workdir_lib.LOCK)
 
 
 def test_main_refuses_a_workdir_in_use(tmp_path, tiny_pretrain_args):
@@ -469,3 +475,25 @@ def test_start_logs_the_parameter_table(tmp_path, caplog):
     with caplog.at_level(logging.INFO):
         _run(tmp_path, total_steps=1)
     assert 'trained parameters:' in caplog.text and '| w    | (4,)' in caplog.text and 'Total: 4' in caplog.text
+
+
+def test_input_wait_is_logged_and_a_slow_pipeline_warned_about_once(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING):
+        _run(tmp_path, total_steps=12, checkpoint_every=100, delay=0.03)  # 240 ms of input for a ~1 ms step
+    waits = [json.loads(line)['input_wait'] for line in open(tmp_path / 'metrics.jsonl')]
+    # the first steps read what the pipeline prefetched while step 1 compiled; then every step waits
+    assert len(waits) == 12 and all(0.0 <= w <= 1.0 for w in waits) and min(waits[-4:]) > 0.5
+    (warning,) = [r.getMessage() for r in caplog.records if 'waited for input' in r.getMessage()]
+    assert re.search(r'waited for input \d+% of the time up to step \d+: the input pipeline is the bottleneck',
+                     warning)
+
+
+def test_preemption_on_a_checkpoint_step_stops_cleanly_with_that_checkpoint(tmp_path, monkeypatch):
+    """A signal that lands on a step that was just checkpointed: that checkpoint is the final one (a second
+    save of the same step used to fail with orbax's StepAlreadyExistsError), and the rerun resumes from it."""
+    monkeypatch.setattr(common, '_stopped_by', [])
+    with monkeypatch.context() as m:
+        m.setattr(common.PreemptionGuard, 'should_stop', lambda self, mngr, step: step == 4)
+        assert _run(tmp_path, total_steps=8, checkpoint_every=2)['step'] == 4
+    assert common.preempted_by() is not None and _steps(tmp_path)[-1] == 4
+    assert _run(tmp_path, total_steps=8, checkpoint_every=2)['step'] == 8

@@ -10,12 +10,13 @@ import numpy as np
 import pytest
 
 from conftest import REPO, TINY_FIELDS, losses, run_main, train_here
-from sce_mae_jax import carb
+from sce_mae_jax import carb, splits
 from sce_mae_jax.config_lib import ABLATIONS
 from sce_mae_jax.data import pipeline
 from sce_mae_jax.models.vit import ViT
 from sce_mae_jax.train import carb as carb_train
-from sce_mae_jax.train import common
+from sce_mae_jax.train import common, split_inputs
+from sce_mae_jax.train import checkpoints
 
 BACKBONE = ['--config.model.embed_dim=48', '--config.model.depth=4', '--config.model.num_heads=2']
 
@@ -49,7 +50,7 @@ def test_trains_from_stage1_and_backbone_stays_frozen(stage1, tmp_path):
     out = carb_train.train(config, str(tmp_path))
     loss = losses(tmp_path)
     assert np.mean([loss[s] for s in range(36, 41)]) < 0.9 * np.mean([loss[s] for s in range(1, 6)])
-    original = common.load_params(str(stage1))['encoder']
+    original = checkpoints.load_params(str(stage1))['encoder']
     for a, b in zip(jax.tree.leaves(original), jax.tree.leaves(out['backbone'])):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     # the optimiser holds the projector's moments only (2 per parameter + step counters)
@@ -221,7 +222,7 @@ def _tiny_mae_and_params(vit, seed=2):
     return mae, params
 
 
-@pytest.mark.parametrize('split', carb.SPLITS)
+@pytest.mark.parametrize('split', splits.SPLITS)
 def test_every_split_runs_one_step(split):
     config = _config(f'split={split}', batch_size=2)
     vit, backbone, _ = _backbone_and_images()
@@ -248,8 +249,8 @@ def test_reconstruction_errors_are_the_maes_own_loss_under_each_mask():
     noise is the mean of our per-patch errors over the removed tokens."""
     vit, _, images = _backbone_and_images()
     mae, params = _tiny_mae_and_params(vit)
-    masks = carb.complementary_masks(144, 36)
-    errors = carb_train.reconstruction_errors(mae, params, images, masks)
+    masks = splits.complementary_masks(144, 36)
+    errors = splits.reconstruction_errors(mae, params, images, masks)
     assert errors.shape == (4, 2, 144)
     for m in range(4):
         loss, _, used = mae.apply({'params': params}, images, noise=jnp.broadcast_to(masks[m], (2, 144)))
@@ -266,14 +267,14 @@ def test_split_inputs_are_stored_and_reused_on_resume(stage1, tmp_path, split):
     train_here('carb', tmp_path, {**fields, 'total_steps': 2})  # in this process: the workdir is under test
     meta = json.loads((tmp_path / 'split' / 'split.json').read_text())
     assert meta['split'] == split
-    first = common.restore_tree(str(tmp_path / 'split' / 'aux'))
+    first = checkpoints.restore_tree(str(tmp_path / 'split' / 'aux'))
     if split == 'cls_debiased':
         assert meta['prior_images'] == 16 and first['prior'].shape == (144,)
         np.testing.assert_allclose(first['prior'].sum(), 1.0, rtol=1e-5)
     else:
         assert meta['model']['decoder_depth'] == 1 and 'decoder_pred' in first['decoder']
     train_here('carb', tmp_path, {**fields, 'total_steps': 3})  # resumes at step 2
-    again = common.restore_tree(str(tmp_path / 'split' / 'aux'))
+    again = checkpoints.restore_tree(str(tmp_path / 'split' / 'aux'))
     for a, b in zip(jax.tree.leaves(first), jax.tree.leaves(again)):
         np.testing.assert_array_equal(a, b)
     assert sorted(losses(tmp_path)) == [1, 2, 3]
@@ -288,9 +289,9 @@ def test_split_inputs_are_stored_and_reused_on_resume(stage1, tmp_path, split):
 def test_recon_split_on_random_init_uses_an_untrained_decoder_and_bad_splits_are_clear_errors(tmp_path):
     config = _config('split=recon', init_from='random_init')
     config.carb.untrained_decoder.update(decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2)
-    decoder, fields = carb_train.stage1_decoder(config)
+    decoder, fields = split_inputs.stage1_decoder(config)
     assert fields['decoder_depth'] == 1 and decoder['decoder_pred']['kernel'].shape == (32, 8 * 8 * 3)
-    again, _ = carb_train.stage1_decoder(config)  # seeded: the control is reproducible
+    again, _ = split_inputs.stage1_decoder(config)  # seeded: the control is reproducible
     np.testing.assert_array_equal(decoder['decoder_pred']['kernel'], again['decoder_pred']['kernel'])
     proc = run_main(['--config=configs/carb_deit_t.py:split=nope', f'--workdir={tmp_path}'], check=False)
     assert proc.returncode != 0 and 'unknown split' in proc.stderr and 'Traceback' not in proc.stderr

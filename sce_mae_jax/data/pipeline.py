@@ -1,7 +1,9 @@
 """grain input pipelines: per-process sharding, per-epoch shuffling, resumable iterator state, augmentation.
 
 Every source yields 136-px uint8 images (see `sources.py`); pipelines emit uint8 (batch, 96, 96, 3) so the
-host→device copy is a quarter of float32, and the jitted step normalises with `normalize`.
+host→device copy is a quarter of float32, and the jitted step normalises with `normalize`. With
+`input.device_augment` the training pipelines emit the 136-px images as read (`raw_images`) and the step
+crops, resizes and flips them on the devices (data/device_augment.py).
 """
 from __future__ import annotations
 
@@ -38,30 +40,40 @@ def center_crop(image: np.ndarray, size: int) -> np.ndarray:
     return image[top:top + size, left:left + size]
 
 
-def random_resized_crop(image: np.ndarray, size: int, rng: np.random.Generator,
-                        scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3)) -> np.ndarray:
-    """torchvision's RandomResizedCrop (10 tries, then a centre crop), bicubic as in the MAE recipe."""
-    h, w = image.shape[:2]
-    area = h * w
+def random_crop_box(height: int, width: int, rng: np.random.Generator, scale=(0.2, 1.0),
+                    ratio=(3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
+    """torchvision's RandomResizedCrop box (10 tries, then a centre crop): (left, top, right, bottom) pixels."""
+    area = height * width
     log_ratio = np.log(ratio)
-    box = None
     for _ in range(10):
         target_area = area * rng.uniform(*scale)
         aspect = np.exp(rng.uniform(*log_ratio))
         cw = int(round(np.sqrt(target_area * aspect)))
         ch = int(round(np.sqrt(target_area / aspect)))
-        if 0 < cw <= w and 0 < ch <= h:
-            top = int(rng.integers(0, h - ch + 1))
-            left = int(rng.integers(0, w - cw + 1))
-            box = (left, top, left + cw, top + ch)
-            break
-    if box is None:
-        in_ratio = w / h
-        cw, ch = (w, int(round(w / ratio[0]))) if in_ratio < ratio[0] else (
-            (int(round(h * ratio[1])), h) if in_ratio > ratio[1] else (w, h))
-        left, top = (w - cw) // 2, (h - ch) // 2
-        box = (left, top, left + cw, top + ch)
+        if 0 < cw <= width and 0 < ch <= height:
+            top = int(rng.integers(0, height - ch + 1))
+            left = int(rng.integers(0, width - cw + 1))
+            return left, top, left + cw, top + ch
+    in_ratio = width / height
+    cw, ch = (width, int(round(width / ratio[0]))) if in_ratio < ratio[0] else (
+        (int(round(height * ratio[1])), height) if in_ratio > ratio[1] else (width, height))
+    left, top = (width - cw) // 2, (height - ch) // 2
+    return left, top, left + cw, top + ch
+
+
+def random_resized_crop(image: np.ndarray, size: int, rng: np.random.Generator,
+                        scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3)) -> np.ndarray:
+    """`random_crop_box`, resized to size x size, bicubic as in the MAE recipe."""
+    box = random_crop_box(image.shape[0], image.shape[1], rng, scale, ratio)
     return np.asarray(Image.fromarray(image).resize((size, size), Image.BICUBIC, box=box))
+
+
+def raw_images() -> Callable:
+    """The training transform with `input.device_augment`: the image as read (136 px), nothing else on the host."""
+    def fn(example, rng: np.random.Generator):
+        del rng
+        return {'image': example['image']}
+    return fn
 
 
 def pretrain_augment(size: int, scale=(0.2, 1.0), flip: bool = True) -> Callable:

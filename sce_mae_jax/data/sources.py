@@ -74,6 +74,16 @@ def is_prepared(builder) -> bool:
     return builder.data_path.exists() and builder.is_prepared()
 
 
+def _older_versions(builder) -> list[str]:
+    """Version folders of `builder`'s dataset in its data_dir other than the one this code reads: a dataset
+    prepared by an earlier release, whose record encoding this version must not guess at."""
+    parent = builder.data_path.parent
+    if not parent.exists():
+        return []
+    return sorted(p.name for p in parent.iterdir() if p.name != str(builder.version) and p.is_dir()
+                  and p.name[:1].isdigit())
+
+
 def get_builder(name: str, data_dir: str | os.PathLike | None = None):
     """The TFDS builder of a real dataset (nothing is read or written)."""
     import importlib  # builders import tensorflow_datasets: keep `synthetic` free of it
@@ -96,6 +106,13 @@ def prepare(name: str, *, manual_dir: str | os.PathLike | None = None,
     builder = get_builder(name, data_dir)
     if is_prepared(builder):
         return builder
+    older = _older_versions(builder)
+    if older and manual_dir is None:
+        raise DatasetError(f'dataset {name!r} in {builder.data_path.parent} was prepared by an older version of '
+                           f'this project ({", ".join(older)}; this one reads {builder.version}, whose records '
+                           f'store images as raw bytes): prepare it again with `python -m sce_mae_jax.data.prepare '
+                           f'--dataset={name} --manual_dir=<its raw files> --data_dir={builder.data_dir}` '
+                           '(docs/datasets.md), or pass manual_dir and it is prepared on first use')
     if manual_dir is None:
         raise DatasetError(f'dataset {name!r} is not prepared in {builder.data_dir}: pass manual_dir (the '
                            f'folder holding its raw files) or run `python -m sce_mae_jax.data.prepare '

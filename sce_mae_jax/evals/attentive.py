@@ -11,61 +11,26 @@ the same cells in every image, whatever the face). Coverage and chance count the
 real dataset's own landmarks with --data), so the chance printed here is that of any of 68 points, well above
 the chance in report.md's premise table, which counts the 5 MAFL points. `--untrained` runs the same model
 freshly initialised, the baseline a trained backbone should beat. `--splits` compares the split criteria of
-`carb.split` (carb.SPLITS) at one block, each computed as stage 2 computes it.
+`carb.split` (SPLITS) at one block, each computed as stage 2 computes it.
 """
 from __future__ import annotations
 
 import functools
 import json
-import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from sce_mae_jax import carb, fileio
-
-
-def landmark_tokens(landmarks, grid: int, patch: int) -> jax.Array:
-    """(B, L, 2) xy pixels in the model frame → (B, grid·grid) bool: the token cell holds a landmark."""
-    cells = jnp.clip(jnp.floor(landmarks / patch).astype(jnp.int32), 0, grid - 1)
-    index = cells[..., 1] * grid + cells[..., 0]
-    return jnp.any(index[..., None] == jnp.arange(grid * grid), axis=1)
-
-
-def attentive_coverage(attentive, on_landmark) -> tuple[float, float]:
-    """(share of attentive tokens on a landmark, share of all tokens on a landmark)."""
-    attentive, on_landmark = np.asarray(attentive), np.asarray(on_landmark)
-    return float(on_landmark[attentive].mean()), float(on_landmark.mean())
-
-
-def position_concentration(attentive) -> float:
-    """Share of attentive tokens that fall on the k grid cells most often attentive across the batch, k being
-    the number of attentive tokens per image. attentive: (B, N) bool, the same count in every row."""
-    attentive = np.asarray(attentive)
-    k = int(attentive[0].sum())
-    top = np.argsort(-attentive.mean(0), kind='stable')[:k]
-    return float(attentive[:, top].sum() / attentive.sum())
-
-
-def landmark_recall(attentive, on_landmark) -> float:
-    """Share of the cells that hold a landmark which are attentive (the paper's premise: 100%)."""
-    attentive, on_landmark = np.asarray(attentive), np.asarray(on_landmark)
-    return float(attentive[on_landmark].mean())
+from sce_mae_jax.splits import SPLITS, split_scores
+from sce_mae_jax.evals.metrics import landmark_tokens, split_stats
 
 
 @functools.lru_cache(maxsize=None)
 def _cls_logits(encoder):
     """The CLS-query logits of every block, jitted once per encoder (rows of one size share it)."""
     return jax.jit(lambda p, x: encoder.apply({'params': p}, x, capture=tuple(range(encoder.depth)))['cls_logits'])
-
-
-def split_stats(attentive, on_landmark, on_recall) -> dict[str, float]:
-    """`coverage` (attentive tokens on a landmark cell), `chance`, `recall` (the `on_recall` cells that are
-    attentive) and `concentration` (attentive tokens on the most often attentive cells) of one (B, N) split."""
-    coverage, chance = attentive_coverage(attentive, on_landmark)
-    return {'coverage': coverage, 'chance': chance, 'recall': landmark_recall(attentive, on_recall),
-            'concentration': position_concentration(attentive)}
 
 
 def summary(v: dict[str, float], *, covered: int, recalled: int) -> str:
@@ -99,10 +64,9 @@ def premise(encoder, params, images_uint8, landmarks, eta: float, recall_landmar
 
 def split_premise(encoder, params, images_uint8, landmarks, eta: float, recall_landmarks=None, *, split: str,
                   block: int, split_aux=None, mae=None, density_k: int = 5, batch_size: int = 64) -> dict:
-    """`split_stats` of criterion `split` (carb.SPLITS) at `block`, computed as stage 2 computes it
-    (`train.carb.split_scores`; `split_aux`/`mae` from `train.carb.prepare_split`'s counterparts)."""
+    """`split_stats` of criterion `split` (SPLITS) at `block`, computed as stage 2 computes it
+    (`splits.split_scores`; `split_aux`/`mae` from `train.split_inputs.prepare_split`'s counterparts)."""
     from sce_mae_jax.data import pipeline
-    from sce_mae_jax.train.carb import split_scores
 
     @jax.jit
     def attentive_of(p, aux, im):
@@ -119,24 +83,24 @@ def split_premise(encoder, params, images_uint8, landmarks, eta: float, recall_l
 
 def split_inputs(split: str, *, init_from: str, encoder, params, block: int, data: str, prior_images: int,
                  source_kwargs: dict):
-    """(split_aux, mae) for the diagnostic, made as stage 2 makes them (`train.carb.prepare_split`): the
+    """(split_aux, mae) for the diagnostic, made as stage 2 makes them (`train.split_inputs.prepare_split`): the
     cls_debiased prior from the first `prior_images` pretrain images of `data`, recon's decoder from
     `init_from`."""
     import ml_collections
 
     from sce_mae_jax.data.sources import get_source
     from sce_mae_jax.models.mae import MAE
-    from sce_mae_jax.train import carb as carb_train
+    from sce_mae_jax.train import split_inputs
     from sce_mae_jax.train import common
 
     if split == 'cls_debiased':
         mesh = common.make_mesh()
         src = get_source(data if data.startswith('synthetic') else 'celeba', 'pretrain', **source_kwargs)
-        prior = carb_train.estimate_cls_prior(common.replicate(params, mesh), src, encoder=encoder, layer=block,
+        prior = split_inputs.estimate_cls_prior(common.replicate(params, mesh), src, encoder=encoder, layer=block,
                                               num_images=prior_images, batch_size=32, mesh=mesh)
         return {'prior': prior}, None
     if split == 'recon':
-        decoder, fields = carb_train.stage1_decoder(ml_collections.ConfigDict({'init_from': init_from}))
+        decoder, fields = split_inputs.stage1_decoder(ml_collections.ConfigDict({'init_from': init_from}))
         mae = MAE(encoder.embed_dim, encoder.depth, encoder.num_heads, encoder.mlp_ratio, encoder.patch_size,
                   encoder.image_size, **fields)
         return {'decoder': decoder}, mae
@@ -147,22 +111,16 @@ def main(argv):
     del argv
     from absl import flags
 
+    from sce_mae_jax import cli
     from sce_mae_jax.data import pipeline
     from sce_mae_jax.data.sources import get_source
-    from sce_mae_jax.models.mae import encoder_from_model_config
-    from sce_mae_jax.train.common import load_params
+    from sce_mae_jax.models import load
+    from sce_mae_jax.models.mae import RANDOM_INIT
 
-    from sce_mae_jax import cli
     cli.quiet_library_logs()  # a restore would bury the table in orbax's INFO lines
     f = flags.FLAGS
-    model_config = json.loads(fileio.read_text(os.path.join(f.init_from, 'config.json')))['model']
-    encoder = encoder_from_model_config(model_config)
-    if f.untrained:
-        params = encoder.init(jax.random.PRNGKey(f.seed), jnp.zeros((1, encoder.image_size, encoder.image_size, 3)))
-        params = params['params']
-    else:
-        params = load_params(f.init_from)
-        params = params.get('encoder', params)
+    encoder = load.encoder_of(f.init_from, '--init_from')
+    params = load.encoder_params(RANDOM_INIT if f.untrained else f.init_from, encoder, f.seed)
     source_kwargs = dict(manual_dir=f.manual_dir or None, data_dir=f.data_dir or None)
     src = get_source(f.data, f.split, **source_kwargs)
     crop = pipeline.eval_transform(encoder.image_size)
@@ -177,10 +135,10 @@ def main(argv):
         for block, v in premise(encoder, params, images, landmarks, f.eta, np.stack(five)).items():
             print(f'block {block}: {line(v)}')
         return
-    splits = carb.SPLITS if f.splits == 'all' else tuple(f.splits.split(','))
-    unknown = [s for s in splits if s not in carb.SPLITS]
+    splits = SPLITS if f.splits == 'all' else tuple(f.splits.split(','))
+    unknown = [s for s in splits if s not in SPLITS]
     if unknown:
-        raise SystemExit(f'--splits: unknown {unknown}; known: {", ".join(carb.SPLITS)} or all')
+        raise SystemExit(f'--splits: unknown {unknown}; known: {", ".join(SPLITS)} or all')
     results = {}
     for split in splits:
         if split == 'recon' and f.untrained:

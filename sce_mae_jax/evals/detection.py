@@ -4,19 +4,11 @@ r"""Landmark detection on frozen features (paper 001 Table 2) and with few annot
         --config.stage2=S2
     python -m sce_mae_jax.main --config=configs/eval_limited.py --workdir=DIR --config.stage1=S1 --config.stage2=S2
 
-For every row of `rows.load_rows` a `models.heads.Regressor` is trained on the row's frozen dense features and
-tested with the inter-ocular error. The backbone and projector never train: they are arguments of the jitted
-step, their forward runs under `stop_gradient`, and only the regressor has parameters and optimiser state.
-
-Regressor input per row kind (the map is H/s x W/s, s = `features.stride`, 48x48 at the default s = 2):
-    projected   L2(stage-1 tokens) ⊕ L2(stage-2 projector output) by cover-and-stride (method.md §4)
-    backbone    L2(stage-1 tokens) (`random_init`, `mae`)
-    pixels      L2 of the raw normalised p x p pixel window of each cell, cut by the same cover-and-stride as
-                the ViT's patches, so the regressor sees what a patch token is computed from, untransformed
-
-Coordinates: landmarks are xy pixels of the 96-px crop with pixel (r, c) centred at x = c, y = r (the
-project's convention); the regressor works in [−1, 1] with u = 2(x + 0.5)/96 − 1 (`to_normalized`), i.e.
-half-pixel centres, the convention of its soft-argmax grid (`heads.cell_centres`).
+The two jobs: for every row of `rows.load_rows` and every landmark set of the dataset, a regressor
+(evals/regressor.py: its input per row, its steps, one training) is trained on the row's frozen features and
+tested with the inter-ocular error (`metrics.iod_error`); `run_limited` repeats that on N annotated faces,
+seeds apart. This file holds what the jobs choose: the datasets' views and sets (`tasks`), the checks, the
+report sections and the figure.
 
 Workdir layout (WORKDIR is `--workdir`):
     WORKDIR/results.json, report.md          the numbers (evals/report.py), merged with other evaluations
@@ -32,58 +24,26 @@ import dataclasses
 import functools
 import json
 import os
-import time
 from typing import Any, Callable
 
+import grain
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 from absl import logging
 from PIL import Image, ImageDraw
 
-from sce_mae_jax import fileio
+from sce_mae_jax import fileio, progress
 from sce_mae_jax.data import pipeline, tps
-from sce_mae_jax.evals import features, report
+from sce_mae_jax.evals import features, regressor, report
+from sce_mae_jax.evals.metrics import iod_error
 from sce_mae_jax.evals.report import SEED_MARK
-from sce_mae_jax.evals.rows import Row, load_rows
-from sce_mae_jax.models.heads import Regressor
-from sce_mae_jax.models.vit import ViT, patchify
-from sce_mae_jax.train import common, optim
+from sce_mae_jax.evals.rows import load_rows
+from sce_mae_jax.models.vit import ViT
+from sce_mae_jax.train import common
+from sce_mae_jax.errors import ConfigError
 
 DATA = ('synthetic', 'synthetic_plain', 'synthetic_wild', 'mafl', 'aflw_m', 'aflw_r', '300w')
 AUGMENTS = ('none', 'tps')
-
-
-# ---------------------------------------------------------------------------------------------- metric
-def to_normalized(points_px: jax.Array, size: int) -> jax.Array:
-    """xy pixels of a `size`-px frame (pixel (r, c) centred at x = c, y = r) → [−1, 1]:
-    u = 2(x + 0.5)/size − 1."""
-    return 2.0 * (jnp.asarray(points_px, jnp.float32) + 0.5) / size - 1.0
-
-
-def to_pixels(points: jax.Array, size: int) -> jax.Array:
-    """Inverse of `to_normalized`: x = (u + 1)·size/2 − 0.5."""
-    return (jnp.asarray(points, jnp.float32) + 1.0) * (size / 2.0) - 0.5
-
-
-def smooth_l1(pred: jax.Array, target: jax.Array, *, scale: float = 10.0, beta: float = 1.0) -> jax.Array:
-    """The detection loss: PyTorch's `smooth_l1_loss(scale·pred, scale·target, beta)` with mean reduction,
-    0.5·d²/β where |d| < β, |d| − 0.5·β elsewhere, on coordinates scaled by 10 (method.md §4)."""
-    d = jnp.abs(scale * (pred - target))
-    return jnp.mean(jnp.where(d < beta, 0.5 * d * d / beta, d - 0.5 * beta))
-
-
-def iod_error(pred_px: jax.Array, gt_px: jax.Array, iod_indices: tuple[int, int]) -> jax.Array:
-    """Per image 100 × mean over landmarks of ‖pred − gt‖ / ‖gt[i0] − gt[i1]‖: (B, L, 2) x2 → (B,).
-
-    `iod_indices` (0, 1), the eye centres, for 5-point sets; (36, 45), the outer eye corners, for 68 points.
-    Per-image values so that sums over padded, sharded batches can be reduced (`_mask`).
-    """
-    pred_px, gt_px = jnp.asarray(pred_px, jnp.float32), jnp.asarray(gt_px, jnp.float32)
-    i0, i1 = iod_indices
-    iod = jnp.linalg.norm(gt_px[:, i0] - gt_px[:, i1], axis=-1)
-    return 100.0 * jnp.linalg.norm(pred_px - gt_px, axis=-1).mean(-1) / jnp.maximum(iod, 1e-6)
 
 
 # ---------------------------------------------------------------------------------------------- datasets
@@ -104,19 +64,6 @@ class LandmarkView:
         return {'image': item['image'], 'landmarks': np.asarray(item[self.key], np.float32)}
 
 
-class Repeated:
-    """`view` repeated to `length` examples (k → k mod len(view)): a few annotated images fill an epoch."""
-
-    def __init__(self, view, length: int):
-        self.view, self.length = view, length
-
-    def __len__(self):
-        return self.length
-
-    def __getitem__(self, k):
-        return self.view[int(k) % len(self.view)]
-
-
 @dataclasses.dataclass
 class Task:
     """One regressor training: a train split and the test splits (results columns) it is evaluated on."""
@@ -132,7 +79,7 @@ def check_data(data: str) -> None:
     if data not in DATA:
         hint = ' (AFLW_RC is evaluated by data=aflw_r)' if data == 'aflw_rc' else (
             ' (CelebA has no train/test landmark split; MAFL is its annotated subset)' if data == 'celeba' else '')
-        raise common.ConfigError(f'data={data!r} cannot be used for detection{hint}; choose one of {DATA}')
+        raise ConfigError(f'data={data!r} cannot be used for detection{hint}; choose one of {DATA}')
 
 
 def _epochs_field(data: str) -> str:
@@ -142,11 +89,11 @@ def _epochs_field(data: str) -> str:
 def _check_landmarks(view, num_landmarks: int, what: str) -> None:
     item = view.source[0]
     if view.key not in item:
-        raise common.ConfigError(f'{what}: its items have no {view.key!r} (keys: {sorted(item)}); use a '
+        raise ConfigError(f'{what}: its items have no {view.key!r} (keys: {sorted(item)}); use a '
                                  'dataset that provides them')
     shape = np.shape(item[view.key])
     if shape != (num_landmarks, 2):
-        raise common.ConfigError(f'{what}: {view.key!r} has shape {shape}, expected ({num_landmarks}, 2)')
+        raise ConfigError(f'{what}: {view.key!r} has shape {shape}, expected ({num_landmarks}, 2)')
 
 
 def tasks(config, *, limited: bool = False) -> list[Task]:
@@ -186,7 +133,7 @@ def tasks(config, *, limited: bool = False) -> list[Task]:
         known = [k for t in out for k, _ in t.tests]
         unknown = [k for k in only if k not in known]
         if unknown:
-            raise common.ConfigError(f'only={config.only!r}: {unknown} not among the sets of data={data} '
+            raise ConfigError(f'only={config.only!r}: {unknown} not among the sets of data={data} '
                                      f'({known}); leave it empty to run them all')
         out = [dataclasses.replace(t, tests=[(k, v) for k, v in t.tests if k in only]) for t in out]
         out = [t for t in out if t.tests]
@@ -194,74 +141,6 @@ def tasks(config, *, limited: bool = False) -> list[Task]:
         t = next((t for t in out if t.num_landmarks == 5), out[0])
         out = [dataclasses.replace(t, tests=t.tests[:1])]
     return out
-
-
-# ---------------------------------------------------------------------------------------------- features
-def pixel_windows(images: jax.Array, *, patch: int, stride: int) -> jax.Array:
-    """Raw-pixel descriptors at the map resolution of the ViT rows: normalised (B, H, W, 3) →
-    (B, H/s, W/s, 3·p²), each cell's p x p window (row, column, channel order), cut by cover-and-stride
-    exactly where the ViT's patch token of that cell reads its pixels."""
-    def windows(im):
-        b, h, w, _ = im.shape
-        return patchify(im, patch).reshape(b, h // patch, w // patch, -1)
-    return features.cover_and_stride(windows, images, patch=patch, stride=stride)
-
-
-def features_fn(row: Row, encoder: ViT, stride: int, block: int) -> Callable:
-    """`fn(frozen, images_uint8) → (B, H/s, W/s, C)`, the regressor input of `row` (see the module docstring);
-    `frozen` is {'backbone': ..., 'projector': ...}, the step argument."""
-    if row.kind == 'positions':
-        return lambda frozen, images: features.l2_normalize(features.position_features(
-            encoder, images.shape[0], images.shape[1] // stride))
-    if row.kind == 'pixels':
-        return lambda frozen, images: features.l2_normalize(pixel_windows(
-            pipeline.normalize(images), patch=encoder.patch_size, stride=stride))
-    if row.kind == 'backbone':
-        return lambda frozen, images: features.l2_normalize(features.dense_features(
-            frozen['backbone'], None, images, encoder=encoder, stride=stride, block=block))
-    # the projector was trained on the final tokens: its rows read those whatever `features.block` says
-    return lambda frozen, images: features.dense_features(
-        frozen['backbone'], frozen['projector'], images, encoder=encoder, projector=row.projector, stride=stride,
-        block=-1, concat=True)
-
-
-def frozen_of(row: Row) -> dict:
-    return {'backbone': row.backbone, 'projector': row.proj_params}
-
-
-# ---------------------------------------------------------------------------------------------- step functions
-def init_state(regressor: Regressor, tx, seed, *, feature_shape):
-    params = regressor.init(jax.random.PRNGKey(seed), jnp.zeros((1, *feature_shape[1:]), jnp.float32))['params']
-    return {'step': jnp.zeros((), jnp.int32), 'params': params, 'opt_state': tx.init(params)}
-
-
-def train_step(state, frozen, batch, *, feats_fn, regressor, tx, schedule, size, loss_scale, iod_indices):
-    """One regressor update on frozen features: features outside the gradient, Adam (+ L2) on the regressor."""
-    feats = jax.lax.stop_gradient(feats_fn(frozen, batch['image']))
-    target = to_normalized(batch['landmarks'], size)
-
-    def loss_fn(params):
-        pred = regressor.apply({'params': params}, feats)
-        return smooth_l1(pred, target, scale=loss_scale), pred
-
-    (loss, pred), grads = jax.value_and_grad(loss_fn, has_aux=True)(state['params'])
-    updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
-    params = jax.tree.map(lambda p, u: p + u, state['params'], updates)
-    metrics = {'loss': loss, 'lr': schedule(state['step']), 'grad_norm': optax.tree.norm(grads),
-               'train_error': iod_error(to_pixels(pred, size), batch['landmarks'], iod_indices).mean()}
-    return {**state, 'step': state['step'] + 1, 'params': params, 'opt_state': opt_state}, metrics
-
-
-def predict(params, frozen, images, *, feats_fn, regressor, size):
-    """uint8 (B, H, W, 3) → predicted landmarks (B, L, 2) in pixels of the `size` frame."""
-    return to_pixels(regressor.apply({'params': params}, feats_fn(frozen, images)), size)
-
-
-def eval_step(acc, params, frozen, batch, *, iod_indices, **kw):
-    """acc (2,) += (Σ error·mask, Σ mask) over the global batch; XLA reduces across devices and hosts."""
-    err = iod_error(predict(params, frozen, batch['image'], **kw), batch['landmarks'], iod_indices)
-    mask = batch['_mask'].astype(jnp.float32)
-    return acc + jnp.stack([jnp.sum(err * mask), jnp.sum(mask)])
 
 
 # ---------------------------------------------------------------------------------------------- one training
@@ -276,119 +155,6 @@ def tps_transform(size: int, tc) -> Callable:
         image, points = tps.warp_example(example['image'], example['landmarks'], warp, subpixel=True)
         return crop({'image': image, 'landmarks': points})
     return fn
-
-
-def _training_settings(config, row: Row, task: Task, train_len: int, total_steps: int, lr: float, extra) -> dict:
-    """What a regressor checkpoint depends on: a mismatch with a directory's regressor.json stops the job."""
-    return {'row': row.name, 'source': row.source, 'digest': row.digest, 'data': config.data,
-            'data_seed': config.data_seed, 'set': task.name, 'train_images': train_len,
-            'features': config.features.to_dict(), 'regressor': config.regressor.to_dict(), 'lr': lr,
-            'weight_decay': config.weight_decay, 'b1': config.b1, 'b2': config.b2, 'batch_size': config.batch_size,
-            'total_steps': total_steps, 'loss_scale': config.loss_scale, 'seed': config.seed, **extra}
-
-
-def _check_settings(unit_dir: str, settings: dict) -> None:
-    path = os.path.join(unit_dir, 'regressor.json')
-    settings = json.loads(json.dumps(settings))  # tuples → lists, as stored
-    if fileio.exists(path):
-        old = json.loads(fileio.read_text(path))
-        diff = [k for k in sorted(set(old) | set(settings)) if old.get(k) != settings.get(k)]
-        if diff and common.has_checkpoint(unit_dir):
-            shown = '; '.join(f'{k}: {old.get(k)!r} then, {settings.get(k)!r} now' for k in diff[:3])
-            raise common.ConfigError(f'{unit_dir} holds a regressor trained with other settings ({shown}); remove '
-                                     'that directory to retrain it, or pass another --workdir')
-    if jax.process_index() == 0:
-        fileio.makedirs(unit_dir)
-        fileio.write_text(path, json.dumps(settings, indent=2, sort_keys=True))
-
-
-class Regression:
-    """The jitted functions of one (row, task, schedule), compiled once and shared by every training that
-    differs only in seed and data (the limited-annotation runs of a row). All take the frozen tree as an
-    argument; parameters and frozen trees are replicated, batches split on `data`."""
-
-    def __init__(self, config, *, row: Row, encoder: ViT, mesh, task: Task, total_steps: int, lr: float):
-        repl, self.data_sh = common.replicated(mesh), common.data_sharded(mesh)
-        self.row, self.task, self.total_steps, self.size = row, task, total_steps, encoder.image_size
-        size, rc = encoder.image_size, config.regressor
-        self.regressor = Regressor(task.num_landmarks, rc.heatmaps_per_landmark, tuple(rc.hidden), rc.kernel_size,
-                                   rc.temperature)
-        feats_fn = features_fn(row, encoder, config.features.stride, config.features.block)
-        schedule = optim.warmup_cosine(lr, total_steps, 0)
-        tx = optim.projector_optimizer(schedule, config.weight_decay, config.b1, config.b2)
-        self.frozen = common.replicate(frozen_of(row), mesh)
-        self.feature_shape = jax.eval_shape(feats_fn, self.frozen,
-                                            jax.ShapeDtypeStruct((1, size, size, 3), jnp.uint8)).shape
-        init = functools.partial(init_state, self.regressor, tx, feature_shape=self.feature_shape)
-        self.state_sh = jax.tree.map(lambda _: repl, jax.eval_shape(init, 0))
-        self.init = jax.jit(init, out_shardings=self.state_sh)
-        self.step = jax.jit(functools.partial(train_step, feats_fn=feats_fn, regressor=self.regressor, tx=tx,
-                                              schedule=schedule, size=size, loss_scale=config.loss_scale,
-                                              iod_indices=task.iod_indices),
-                            in_shardings=(self.state_sh, repl, self.data_sh), out_shardings=(self.state_sh, repl),
-                            donate_argnums=0)
-        kw = dict(feats_fn=feats_fn, regressor=self.regressor, size=size)
-        self.evaluate = jax.jit(functools.partial(eval_step, iod_indices=task.iod_indices, **kw),
-                                in_shardings=(repl, repl, repl, self.data_sh), out_shardings=repl, donate_argnums=0)
-        self.predict = jax.jit(functools.partial(predict, **kw), in_shardings=(repl, repl, self.data_sh),
-                               out_shardings=repl)
-        self.zeros = lambda: jax.device_put(jnp.zeros((2,), jnp.float32), repl)  # a fresh (donated) accumulator
-
-
-def train_and_test(config, unit_dir: str, fns: Regression, *, train_source, transform: Callable,
-                   random_transform: bool, seed: int, settings: dict, figure_faces: int = 0):
-    """Trains one regressor (resuming from `unit_dir`) and tests it on every set of `fns.task`. Returns
-    ({set: error}, {set: predicted pixels of its first `figure_faces` test faces}), or None when training
-    stopped early on a preemption signal (rerun to resume)."""
-    row, task = fns.row, fns.task
-    _check_settings(unit_dir, settings)
-    state = fns.init(seed)
-    it = pipeline.train_iterator(train_source, global_batch=config.batch_size, seed=seed, transform=transform,
-                                 random=random_transform)
-    logging.info('regressor %s: %d landmarks on %s features, %s parameters, %d steps of %d', unit_dir,
-                 task.num_landmarks, 'x'.join(map(str, fns.feature_shape[1:])),
-                 f'{common.tree_size(state["params"]):,}', fns.total_steps, config.batch_size)
-    out = common.train_loop(config, unit_dir, state=state, state_sharding=fns.state_sh,
-                            step_fn=lambda s, b: fns.step(s, fns.frozen, b), data_iter=it,
-                            batch_sharding=fns.data_sh, total_steps=fns.total_steps)
-    if out['step'] < fns.total_steps:
-        return None
-    params = out['state']['params']
-    crop = pipeline.eval_transform(fns.size)
-    errors, points = {}, {}
-    for key, view in task.tests:
-        test_it, num_batches = pipeline.eval_iterator(view, global_batch=config.batch_size, transform=crop)
-        acc = fns.zeros()
-        t0, every = time.time(), max(1, num_batches // 10)
-        for b in range(num_batches):
-            batch = common.global_batch(next(test_it), fns.data_sh)
-            if b == 0 and figure_faces:
-                faces = min(figure_faces, len(view))
-                points[key] = np.asarray(fns.predict(params, fns.frozen, batch['image']))[:faces]
-            acc = fns.evaluate(acc, params, fns.frozen, batch)
-            if (b + 1) % every == 0 and b + 1 < num_batches:
-                dt = time.time() - t0
-                logging.info('testing %s on %s: batch %d/%d, ETA %.0f s', row.name, key, b + 1, num_batches,
-                             dt / (b + 1) * (num_batches - b - 1))
-        total, count = (float(v) for v in np.asarray(acc))
-        if int(round(count)) != len(view):
-            raise RuntimeError(f'{key}: counted {count} test images, expected {len(view)}')
-        errors[key] = total / count
-        logging.info('detection %s on %s: %.3f %% IOD over %d test images', row.name, key, errors[key], len(view))
-    return errors, points
-
-
-class Progress:
-    """Job-level progress: after each finished unit, the elapsed time and an ETA for the remaining ones."""
-
-    def __init__(self, what: str, total: int):
-        self.what, self.total, self.done, self.t0 = what, total, 0, time.time()
-
-    def step(self, name: str) -> None:
-        self.done += 1
-        dt = time.time() - self.t0
-        logging.info('%s: %d/%d done (%s), %.0f s elapsed, ETA %.0f s', self.what, self.done, self.total, name, dt,
-                     dt / self.done * (self.total - self.done))
 
 
 # ---------------------------------------------------------------------------------------------- validation
@@ -417,7 +183,7 @@ def validate(config, *, limited: bool = False) -> None:
     elif config.epochs.get(_epochs_field(config.data), 0) < 1:
         problems.append(f'epochs.{_epochs_field(config.data)} must be ≥ 1 (the regressor epochs of {config.data})')
     if problems:
-        raise common.ConfigError('; '.join(problems))
+        raise ConfigError('; '.join(problems))
 
 
 def validate_model(config, encoder: ViT) -> None:
@@ -427,13 +193,13 @@ def validate_model(config, encoder: ViT) -> None:
 
 def _check_train_size(n: int, config, what: str) -> None:
     if n < config.batch_size:
-        raise common.ConfigError(f'{what} has {n} images, fewer than one batch (batch_size={config.batch_size}); '
+        raise ConfigError(f'{what} has {n} images, fewer than one batch (batch_size={config.batch_size}); '
                                  'lower --config.batch_size or raise the image count')
 
 
 def _setup(config, workdir: str, limited: bool):
     if not workdir:
-        raise common.ConfigError('pass --workdir (results.json and the regressors go there)')
+        raise ConfigError('pass --workdir (results.json and the regressors go there)')
     validate(config, limited=limited)
     encoder, rows, skipped = load_rows(config)
     validate_model(config, encoder)
@@ -465,7 +231,7 @@ def run(config, workdir: str) -> dict:
             continue
         _check_train_size(len(task.train), config, f'the {task.name} train split')
         todo.append(task)
-    progress = Progress('detection', len(todo) * len([r for r in rows if r.kind != MEAN_SHAPE]))
+    done = progress.Progress('detection', len(todo) * len([r for r in rows if r.kind != MEAN_SHAPE]))
     for task in todo:
         per_row, figure_points = {}, {}
         steps_per_epoch = len(task.train) // config.batch_size
@@ -478,17 +244,18 @@ def run(config, workdir: str) -> dict:
             if row.kind == MEAN_SHAPE:
                 continue
             unit = os.path.join(workdir, 'detection', task.name, row.name)
-            fns = Regression(config, row=row, encoder=encoder, mesh=mesh, task=task, total_steps=total, lr=config.lr)
-            settings = _training_settings(config, row, task, len(task.train), total, config.lr, {
+            fns = regressor.Regression(config, row=row, encoder=encoder, mesh=mesh, task=task, total_steps=total,
+                                       lr=config.lr)
+            settings = regressor.training_settings(config, row, task, len(task.train), total, config.lr, {
                 'augment': config.augment, 'tps': config.tps.to_dict() if augment else None})
-            out = train_and_test(config, unit, fns, train_source=task.train, transform=transform,
+            out = regressor.train_and_test(config, unit, fns, train_source=task.train, transform=transform,
                                  random_transform=augment, seed=config.seed, settings=settings,
                                  figure_faces=config.figures.faces)
             if out is None:
                 logging.warning('detection stopped by a preemption signal; rerun the same command to resume')
                 return {'detection': results}
             per_row[row.name], figure_points[row.name] = out
-            progress.step(f'{task.name}/{row.name}')
+            done.step(f'{task.name}/{row.name}')
         if any(r.kind == MEAN_SHAPE for r in rows):
             for key, err in mean_shape_errors(task, transform_size=encoder.image_size).items():
                 per_row.setdefault(MEAN_SHAPE, {})[key] = err
@@ -539,7 +306,7 @@ def limited_indices(num_train: int, n: int, seed: int) -> np.ndarray:
     """The N annotated training images of one seed: the first N of a seeded permutation, so for one seed the
     sets are nested (the 5 images include the 1) and the curves over N are less noisy."""
     if n > num_train:
-        raise common.ConfigError(f'limited.sizes asks for {n} annotated images but the train split has '
+        raise ConfigError(f'limited.sizes asks for {n} annotated images but the train split has '
                                  f'{num_train}; lower the size or raise num_train_images')
     return np.random.default_rng(seed).permutation(num_train)[:n]
 
@@ -567,26 +334,29 @@ def run_limited(config, workdir: str) -> dict:
     augment = config.augment == 'tps'
     transform = tps_transform(encoder.image_size, config.tps) if augment else pipeline.eval_transform(
         encoder.image_size)
-    progress = Progress('limited annotations', len(rows) * len(sizes) * len(seeds))
+    done = progress.Progress('limited annotations', len(rows) * len(sizes) * len(seeds))
     section, runs = {}, {}
     for row in rows:
-        fns = Regression(config, row=row, encoder=encoder, mesh=mesh, task=task, total_steps=total, lr=config.lr)
+        fns = regressor.Regression(config, row=row, encoder=encoder, mesh=mesh, task=task, total_steps=total,
+                                   lr=config.lr)
         for n in sizes:
             errs = []
             for seed in seeds:
                 idx = limited_indices(len(base), n, seed)
-                source = Repeated(LandmarkView(base.source, base.key, indices=base.indices[idx]), epoch)
+                # the N annotated images repeated to `epoch` examples (k → k mod N): a few of them fill an epoch
+                source = grain.MapDataset.source(LandmarkView(base.source, base.key, indices=base.indices[idx])
+                                                 ).repeat()[:epoch]
                 unit = os.path.join(workdir, 'limited', key, row.name, f'n{n}_seed{seed}')
-                settings = _training_settings(config, row, task, len(source), total, config.lr, {
+                settings = regressor.training_settings(config, row, task, len(source), total, config.lr, {
                     'annotated': [int(i) for i in base.indices[idx]], 'epoch_size': epoch,
                     'augment': config.augment, 'tps': config.tps.to_dict() if augment else None})
-                out = train_and_test(config, unit, fns, train_source=source, transform=transform,
-                                     random_transform=augment, seed=seed, settings=settings)
+                out = regressor.train_and_test(config, unit, fns, train_source=source, transform=transform,
+                                               random_transform=augment, seed=seed, settings=settings)
                 if out is None:
                     logging.warning('limited annotations stopped by a preemption signal; rerun to resume')
                     return {'limited': section}
                 errs.append(out[0][key])
-                progress.step(f'{row.name} N={n} seed={seed}: {errs[-1]:.2f}')
+                done.step(f'{row.name} N={n} seed={seed}: {errs[-1]:.2f}')
             runs.setdefault(row.name, {})[str(n)] = errs
             # std over seeds with ddof=0 (NumPy's default): the spread of these seeds, not an estimate
             section.setdefault(row.name, {})[str(n)] = [float(np.mean(errs)), float(np.std(errs))]

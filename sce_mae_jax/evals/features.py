@@ -25,7 +25,7 @@ from sce_mae_jax.carb import l2_normalize
 from sce_mae_jax.data import pipeline
 from sce_mae_jax.models.heads import descriptor_map, upsample
 from sce_mae_jax.models.vit import ViT, sincos_pos_embed_2d
-from sce_mae_jax.train.common import ConfigError
+from sce_mae_jax.errors import ConfigError
 
 
 class StrideError(ConfigError):

@@ -1,14 +1,9 @@
-"""Landmark matching by nearest neighbour in feature space (CL's rule, used by SCE-MAE's Table 1).
+"""Landmark matching (SCE-MAE's Table 1): the matching job and the descriptor maps it compares.
 
-Pure jax.numpy functions so they can be jitted and batched over pairs; the feature extractor (backbone,
-upsampling to 96x96, projection) lives in features.py, which keeps the rule itself testable against a NumPy loop.
-`run` is the matching job (configs/eval_matching.py): every row of evals/rows.py on the stored pairs of
-data/pairs.py, sums reduced inside one jitted function over the mesh, then figures and report.
-
-Rule: the query is the L2-normalised feature at the source landmark's *rounded* pixel; the prediction is the
-target pixel with the highest cosine similarity.  Errors are reported in a 70-px frame: CL measures at 96 px and
-scales by 69/95 (the (size - 1) ratio of the two frames), which ``mean_pixel_error`` reproduces.
-Coordinates are (x, y) with pixel (row r, col c) centred at (x=c, y=r).
+`run` is the job (configs/eval_matching.py): every row of evals/rows.py on the stored pairs of data/pairs.py,
+each row's descriptor map (`features_fn_for`: backbone, upsampling to 96x96, projection, or a baseline) matched
+by CL's nearest-neighbour rule and scored by `metrics.pixel_errors` (70-px frame), the sums reduced inside one
+jitted function over the mesh (`matching_sums`, which the training monitor runs too); then figures and report.
 """
 
 from __future__ import annotations
@@ -16,48 +11,16 @@ from __future__ import annotations
 import functools
 import json
 import os
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from sce_mae_jax.carb import l2_normalize
+from sce_mae_jax import progress
 from sce_mae_jax.evals import features
-
-
-def descriptors_at(feats: jax.Array, points: jax.Array) -> jax.Array:
-    """L2-normalised features at the *rounded* (clipped) pixels of `points`: (B, H, W, C), (B, L, 2) xy → (B, L, C)."""
-    feats = jnp.asarray(feats, jnp.float32)
-    b, h, w, _ = feats.shape
-    pts = jnp.rint(jnp.asarray(points, jnp.float32)).astype(jnp.int32)
-    return l2_normalize(feats[jnp.arange(b)[:, None], jnp.clip(pts[..., 1], 0, h - 1), jnp.clip(pts[..., 0], 0, w - 1)])
-
-
-def match_points(src_feats: jax.Array, tgt_feats: jax.Array, src_points: jax.Array) -> jax.Array:
-    """src_feats, tgt_feats (B, H, W, C); src_points (B, L, 2) xy pixels -> predicted target points (B, L, 2).
-
-    Ties resolve to the first pixel in row-major order (argmax), so the result is deterministic.
-    """
-    tgt_feats = jnp.asarray(tgt_feats, jnp.float32)
-    b, h, w, c = tgt_feats.shape
-    query = descriptors_at(src_feats, src_points)  # (B, L, C)
-    tgt = l2_normalize(tgt_feats).reshape(b, h * w, c)
-    sim = jnp.einsum("blc,bnc->bln", query, tgt, precision=jax.lax.Precision.HIGHEST)
-    idx = jnp.argmax(sim, axis=-1)
-    return jnp.stack([idx % w, idx // w], -1).astype(jnp.float32)
-
-
-def pixel_errors(pred: jax.Array, gt: jax.Array, frame: int = 96, report_frame: int = 70) -> jax.Array:
-    """Per-landmark Euclidean error rescaled to the report frame: (…, L, 2) x2 -> (…, L)."""
-    d = jnp.linalg.norm(jnp.asarray(pred, jnp.float32) - jnp.asarray(gt, jnp.float32), axis=-1)
-    return d * ((report_frame - 1) / (frame - 1))
-
-
-def mean_pixel_error(pred: jax.Array, gt: jax.Array, frame: int = 96, report_frame: int = 70) -> float:
-    """Mean over all pairs and landmarks of the error in the 70-px frame (CL: error at 96 px × 69/95)."""
-    return float(jnp.mean(pixel_errors(pred, gt, frame, report_frame)))
+from sce_mae_jax.evals.metrics import match_points, pixel_errors
+from sce_mae_jax import workdir as workdir_lib
 
 
 def raw_pixel_features(images: jax.Array, patch: int = 7) -> jax.Array:
@@ -120,7 +83,7 @@ def load_or_make_pairs(config) -> tuple[dict[str, np.ndarray], str]:
     """(pairs, where they came from): the imported file, or the cached pairs of (data, split, N, seed)."""
     from sce_mae_jax.data import pairs as pairs_lib
     from sce_mae_jax.data.sources import get_source
-    from sce_mae_jax.train.common import ConfigError
+    from sce_mae_jax.errors import ConfigError
 
     if config.pairs_file:
         if not os.path.exists(config.pairs_file):
@@ -166,7 +129,7 @@ def run(config, workdir: str) -> dict:
         return done
     pairs, pairs_from = load_or_make_pairs(config)
     pairs = {k: pairs[k] for k in PAIR_KEYS}
-    common.ensure_workdir(workdir)
+    workdir_lib.ensure_workdir(workdir)
     mesh = common.make_mesh()
     common.check_batch_size(config.batch_size)
     repl, data_sh = common.replicated(mesh), common.data_sharded(mesh)
@@ -182,15 +145,13 @@ def run(config, workdir: str) -> dict:
         fn, step = steps[key]
         backbone, proj = common.replicate((row.backbone, row.proj_params), mesh)
         it, num_batches = pipeline.eval_iterator(pipeline.ArraySource(**pairs), global_batch=config.batch_size)
-        totals, t0 = None, time.time()
-        for b, local in enumerate(it):
+        totals = None
+        done = progress.Progress(f"matching {row.name}: batch", num_batches, every=num_batches // 4,
+                                 per_unit=config.batch_size, unit="pairs", sync=lambda: jax.block_until_ready(totals))
+        for local in it:
             sums = step(backbone, proj, common.global_batch(local, data_sh))
             totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-            if (b + 1) % max(num_batches // 4, 1) == 0 or b + 1 == num_batches:
-                jax.block_until_ready(totals)  # so the rate is the device's, not the dispatcher's
-                eta = (time.time() - t0) / (b + 1) * (num_batches - b - 1)
-                logging.info("matching %s: batch %d/%d, %.1f pairs/s, ETA %.0f s", row.name, b + 1, num_batches,
-                             (b + 1) * config.batch_size / (time.time() - t0), eta)
+            done.step()
         totals = jax.tree.map(float, totals)
         table[row.name] = {k: totals[f"{k}_sum"] / totals[f"{k}_n"] for k in ("same", "diff") if totals[f"{k}_n"]}
         fns[row.name] = (key, fn, backbone, proj)

@@ -17,7 +17,7 @@ from PIL import Image, ImageDraw
 
 from sce_mae_jax import fileio
 from sce_mae_jax.carb import l2_normalize
-from sce_mae_jax.evals import matching
+from sce_mae_jax.evals.metrics import descriptors_at, match_points, pixel_errors, silhouette
 from sce_mae_jax.figures import (LANDMARK_COLOURS, LANDMARK_NAMES, LEGEND_HEIGHT, draw_landmark_legend,
                                  legend_width)
 
@@ -102,7 +102,7 @@ def matches_png(path: str, pairs: dict, index: np.ndarray, preds: dict[str, np.n
                 d.line([_xy(a), _xy(b)], fill=col, width=1)
             _draw_points(t, gt, filled=False)
             _draw_points(t, pred[k], filled=True, radius=2)
-            err = float(np.asarray(matching.pixel_errors(pred[k], gt)).mean())
+            err = float(np.asarray(pixel_errors(pred[k], gt)).mean())
             label = f'error {err:.1f} px (70-px frame)'
             d.rectangle([0, 0, int(d.textlength(label)) + 5, 13], fill=(0, 0, 0))
             d.text((3, 1), label, fill=(255, 255, 255))
@@ -160,29 +160,10 @@ def _figure_outputs(bb, pp, src_im, tgt_im, src_pts, tsne_im, tsne_pts, *, fn):
     pair's per-landmark similarity maps (L, H, W), and L2-normalised descriptors at the landmarks of the
     t-SNE images (n, L, C)."""
     src, tgt = fn(bb, pp, src_im), fn(bb, pp, tgt_im)
-    pred = matching.match_points(src, tgt, src_pts)
-    q = matching.descriptors_at(src[-1:], src_pts[-1:])[0]
+    pred = match_points(src, tgt, src_pts)
+    q = descriptors_at(src[-1:], src_pts[-1:])[0]
     sim = jnp.einsum('lc,hwc->lhw', q, l2_normalize(tgt[-1]))
-    return pred, sim, matching.descriptors_at(fn(bb, pp, tsne_im), tsne_pts)
-
-
-def silhouette(desc: np.ndarray, runs: int) -> tuple[list[float], np.ndarray, np.ndarray]:
-    """([mean, std] over `runs` t-SNE seeds of the silhouette coefficient of the 2-D embedding labelled by
-    landmark, the first run's embedding, the labels)."""
-    from sklearn.manifold import TSNE
-    from sklearn.metrics import silhouette_score
-
-    n, l, _ = desc.shape
-    x = desc.reshape(n * l, -1).astype(np.float64)
-    labels = np.tile(np.arange(l), n)
-    scores, first = [], None
-    for seed in range(runs):
-        # random init: with PCA init the seed would not change the embedding, and the spread is the point
-        emb = TSNE(n_components=2, perplexity=min(30.0, (len(x) - 1) / 3), init='random',
-                   random_state=seed).fit_transform(x)
-        first = emb if first is None else first
-        scores.append(float(silhouette_score(emb, labels)))
-    return [float(np.mean(scores)), float(np.std(scores))], first, labels
+    return pred, sim, descriptors_at(fn(bb, pp, tsne_im), tsne_pts)
 
 
 def training_figures(workdir: str, rows) -> list[tuple[str, str]]:

@@ -24,6 +24,7 @@ from typing import Any
 import jax
 
 from sce_mae_jax import fileio
+from sce_mae_jax.config_lib import ROWS
 
 RESULTS, REPORT = 'results.json', 'report.md'
 
@@ -37,7 +38,6 @@ PAPER = {
     'limited': 'AFLW_M, 256-d: 17.08±1.35, 11.28±0.54, 10.30±0.09, 8.95±0.08, 8.20±0.20, 7.58±0.09 for '
                '1 / 5 / 10 / 20 / 50 / 100 annotations.',
 }
-ROW_ORDER = ('random_init', 'positions', 'mean_shape', 'pixels', 'mae', 'sce_mae', 'random_init_carb')
 
 
 def load(workdir: str) -> dict:
@@ -111,7 +111,7 @@ def update(workdir: str, sections: dict[str, Any], job_key: str, meta: dict, col
 
 
 def _rows(section: dict) -> list[str]:
-    return [r for r in ROW_ORDER if r in section] + sorted(r for r in section if r not in ROW_ORDER)
+    return [r for r in ROWS if r in section] + sorted(r for r in section if r not in ROWS)
 
 
 SEED_MARK = '@seed'  # 'ROW@seedS': a replicate of ROW trained with another seed (quickstart.stage2_runs)

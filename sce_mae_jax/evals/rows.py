@@ -18,22 +18,18 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
-import os
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from sce_mae_jax import fileio
+from sce_mae_jax.config_lib import ROWS
+from sce_mae_jax.errors import ConfigError
+from sce_mae_jax.models import load
 from sce_mae_jax.models.heads import Projector
-from sce_mae_jax.models.mae import RANDOM_INIT, encoder_from_model_config, random_encoder_params
+from sce_mae_jax.models.mae import RANDOM_INIT
 from sce_mae_jax.models.vit import ViT
-from sce_mae_jax.train.common import ConfigError, load_params, restore_tree, shape_mismatches
-
-ROWS = ('random_init', 'positions', 'mean_shape', 'pixels', 'mae', 'sce_mae', 'random_init_carb')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,57 +50,6 @@ class Row:
         for leaf in jax.tree.leaves((self.backbone, self.proj_params)):
             h.update(np.ascontiguousarray(leaf).tobytes())
         return h.hexdigest()[:16]
-
-
-def read_config(workdir: str, what: str) -> dict:
-    path = os.path.join(workdir, 'config.json')
-    if not fileio.exists(path):
-        raise ConfigError(f'{what}={workdir} is not a training workdir (no config.json); pass the --workdir a '
-                          f'training job wrote')
-    return json.loads(fileio.read_text(path))
-
-
-def _stage2(workdir: str, what: str, encoder: ViT) -> tuple[dict, dict, Projector, dict]:
-    """(its config, backbone params, projector module, projector params) of a stage-2 workdir."""
-    cfg = read_config(workdir, what)
-    if cfg.get('job') != 'carb' or 'projector' not in cfg:
-        raise ConfigError(f'{what}={workdir} is a {cfg.get("job")!r} workdir, not a stage-2 (carb) one; pass the '
-                          'workdir of configs/carb_deit_*.py (or the stage2/ folder of a pipeline run)')
-    saved = os.path.join(fileio.resolve(workdir), 'backbone')
-    if not fileio.isdir(saved):
-        raise ConfigError(f'{what}={workdir} has no backbone/ (stage 2 writes it before its first step); was the '
-                          'run started?')
-    backbone = restore_tree(saved)
-    expected = jax.eval_shape(encoder.init, jax.random.PRNGKey(0),
-                              jnp.zeros((1, encoder.image_size, encoder.image_size, 3)))['params']
-    bad = shape_mismatches(backbone, expected)
-    if bad:
-        raise ConfigError(f'{what}={workdir}: its backbone is another architecture than the stage-1 model '
-                          f'({"; ".join(bad[:3])}); pass the stage-1 workdir it was trained on')
-    params = load_params(workdir)
-    # workdirs from before the softmax default were trained with the plain linear map
-    pc = {'activation': 'linear', **cfg['projector']}
-    fields = {f.name for f in dataclasses.fields(Projector)} - {'parent', 'name'}
-    unknown = sorted(set(pc) - fields)
-    if unknown:
-        raise ConfigError(f'{what}={workdir}: its config.json has projector fields {unknown} this version does not '
-                          f'know ({sorted(fields)}); evaluate it with the version that trained it')
-    projector = Projector(**{**pc, 'hidden': tuple(pc.get('hidden', ()))})
-    return cfg, jax.tree.map(np.asarray, backbone), projector, params
-
-
-EXPORTED = 'model.json'  # marks a directory written by `python -m sce_mae_jax.export`
-
-
-def exported_stage(path: str, stage: str) -> str:
-    """`path`, or its `stage` folder ('stage1', 'stage2') when it is an exported model: an export holds both
-    stages, so one directory serves --config.stage1 and --config.stage2."""
-    if path and fileio.exists(os.path.join(path, EXPORTED)):
-        inner = os.path.join(path, stage)
-        if not fileio.exists(os.path.join(inner, 'config.json')):
-            raise ConfigError(f'{path} is an exported model without {stage}/ (its workdir had none)')
-        return inner
-    return path
 
 
 def _same_tree(a, b) -> bool:
@@ -134,13 +79,9 @@ def load_rows(config) -> tuple[ViT, list[Row], list[str]]:
     if unknown:
         raise ConfigError(f'rows={tuple(config.rows)}: unknown row(s) {unknown}; choose from {ROWS} (further '
                           'stage-2 workdirs go in --config.extra=NAME=DIR)')
-    stage1, stage2_dir = exported_stage(config.stage1, 'stage1'), exported_stage(config.stage2, 'stage2')
-    base = stage1 or stage2_dir
-    encoder = encoder_from_model_config(read_config(base, 'stage1' if stage1 else 'stage2')['model'])
-    mae_params = None
-    if stage1:
-        params = load_params(stage1)
-        mae_params = params.get('encoder', params)
+    stage1, stage2_dir = load.exported_stage(config.stage1, 'stage1'), load.exported_stage(config.stage2, 'stage2')
+    encoder = load.encoder_of(stage1 or stage2_dir, 'stage1' if stage1 else 'stage2')
+    mae_params = load.encoder_params(stage1, encoder) if stage1 else None
     extra = parse_extra(config.extra)
     if len({n for n, _ in extra}) != len(extra):
         raise ConfigError(f'extra={config.extra!r} names a row twice')
@@ -149,7 +90,7 @@ def load_rows(config) -> tuple[ViT, list[Row], list[str]]:
     rows, skipped = [], []
     for name in [r for r in ROWS if r in config.rows] + [n for n, _ in extra]:
         if name == 'random_init':
-            rows.append(Row(name, 'backbone', random_encoder_params(encoder, config.seed),
+            rows.append(Row(name, 'backbone', load.encoder_params(RANDOM_INIT, encoder, config.seed),
                             source=f'seed {config.seed}'))
         elif name == 'positions':
             rows.append(Row(name, 'positions', source='sin-cos position table'))
@@ -167,13 +108,13 @@ def load_rows(config) -> tuple[ViT, list[Row], list[str]]:
             if not workdir:
                 skipped.append(f'{name} (no --config.{name if name == "random_init_carb" else "stage2"})')
                 continue
-            cfg, backbone, projector, proj_params = _stage2(workdir, name, encoder)
+            cfg, backbone, projector, proj_params = load.stage2(workdir, name, encoder)
             if name == 'random_init_carb':
                 if cfg.get('init_from') != RANDOM_INIT:
                     raise ConfigError(f'random_init_carb={workdir} was trained on init_from={cfg.get("init_from")!r}, '
                                       f'not an untrained backbone; train it with --config.init_from={RANDOM_INIT}')
                 # the control must sit on the very backbone of the random_init row it is compared with
-                if not _same_tree(backbone, random_encoder_params(encoder, config.seed)):
+                if not _same_tree(backbone, load.encoder_params(RANDOM_INIT, encoder, config.seed)):
                     raise ConfigError(f'random_init_carb={workdir} froze the untrained backbone of seed '
                                       f'{cfg.get("seed")}, the random_init row uses seed {config.seed}; pass '
                                       f'--config.seed={cfg.get("seed")}')

@@ -115,7 +115,7 @@ def cell_centres(n: int) -> jax.Array:
 
     Pixel-centre convention (half-pixel centres, as `jax.image.resize` and the cover-and-stride map): cell c of
     an n-cell axis over S pixels covers pixels [cS/n, (c+1)S/n) and is centred at pixel (c + 0.5)·S/n − 0.5,
-    which `evals.detection.to_pixels` maps u_c to exactly.
+    which `evals.regressor.to_pixels` maps u_c to exactly.
     """
     return 2.0 * (jnp.arange(n, dtype=jnp.float32) + 0.5) / n - 1.0
 
@@ -148,7 +148,7 @@ class Regressor(nn.Module):
     Convolution block → K = `heatmaps_per_landmark` (50) intermediate heatmaps per landmark (channel l·K + k
     belongs to landmark l) → `soft_argmax` of each (softmax × `temperature` (100) over all h·w positions,
     coordinates in [−1, 1]) → per landmark, a linear map of its K points' 2K = 100 coordinates (x0, y0, x1, …)
-    to (x, y), without bias. Output in normalised [−1, 1] coordinates of the image (`evals.detection.to_pixels`).
+    to (x, y), without bias. Output in normalised [−1, 1] coordinates of the image (`evals.regressor.to_pixels`).
 
     The convolution block is our choice (the paper says only "a convolution block"): for each width in `hidden`
     a `kernel_size` x `kernel_size` convolution + ReLU (default one 3x3 of 256), then a 1x1 convolution to L·K

@@ -10,7 +10,6 @@ part of the trained state, and is written once to `workdir/backbone` so the work
 from __future__ import annotations
 
 import functools
-import json
 import os
 
 import jax
@@ -20,50 +19,17 @@ import optax
 import orbax.checkpoint as ocp
 from absl import logging
 
-from sce_mae_jax import carb, fileio, figures
-from sce_mae_jax.data import pipeline
+from sce_mae_jax import carb, fileio, figures, workdir as workdir_lib
+from sce_mae_jax.data import device_augment as device_augment_lib, pipeline
+from sce_mae_jax.errors import ConfigError
 from sce_mae_jax.models.heads import (PROJECTOR_ACTIVATIONS, Projector, channel_support, descriptor_map,
                                       token_pixels)
-from sce_mae_jax.models.mae import MAE, RANDOM_INIT, encoder_from_model_config, patch_errors, random_encoder_params
-from sce_mae_jax.models.vit import ViT, patchify
-from sce_mae_jax.train import common, monitor as monitor_lib, optim
-
-
-# ---------------------------------------------------------------------------------------------- the split
-def reconstruction_errors(mae: MAE, params, images, masks) -> jax.Array:
-    """(M, B, N) per-patch error of the frozen stage-1 MAE under each of the M static `masks` (1 = removed):
-    each mask's visible tokens are put first in the noise order, so the MAE keeps exactly those."""
-    target = patchify(images, mae.patch_size)
-
-    def one(mask):
-        _, pred, _ = mae.apply({'params': params}, images, noise=jnp.broadcast_to(mask, images.shape[:1] + mask.shape))
-        return patch_errors(target, pred, mae.norm_pix_loss)
-
-    return jax.lax.map(one, jnp.asarray(masks))
-
-
-def split_scores(split: str, *, logits, tokens, encoder: ViT, density_k: int = 5, images=None, backbone=None,
-                 aux=None, mae: MAE | None = None) -> jax.Array:
-    """(B, N) scores of the criterion `split` (carb.SPLITS); the top ceil(η·N) are the attentive tokens.
-
-    logits (B, heads, N) CLS logits and tokens (B, N, C) patch tokens of one block (the clustering block in
-    stage 2; any block in the diagnostic); `recon` reads the images instead, through the frozen MAE (`mae`,
-    parameters {'encoder': backbone, **aux['decoder']}); `cls_debiased` reads aux['prior'].
-    """
-    if split == 'cls':
-        return carb.cls_similarity(logits)
-    if split == 'cls_debiased':
-        return carb.debiased_cls_scores(logits, aux['prior'])
-    if split == 'density':
-        return carb.low_density_scores(tokens, density_k)
-    if split == 'contrast':
-        return carb.neighbour_contrast_scores(tokens, encoder.grid, encoder.grid)
-    if split == 'recon':
-        # as many visible tokens as the MAE keeps (models/mae.py's int(N·(1 − ratio))), so it sees what it trained on
-        masks = carb.complementary_masks(encoder.num_patches, int(encoder.num_patches * (1 - mae.mask_ratio)))
-        errors = reconstruction_errors(mae, {'encoder': backbone, **aux['decoder']}, images, masks)
-        return carb.reconstruction_scores(errors, masks)
-    raise ValueError(f'carb.split must be one of {carb.SPLITS}, got {split!r}')
+from sce_mae_jax.models import load
+from sce_mae_jax.models.mae import MAE, encoder_from_model_config
+from sce_mae_jax.models.vit import ViT
+from sce_mae_jax.splits import SPLITS, split_scores
+from sce_mae_jax.train import checkpoints, common, monitor as monitor_lib, optim
+from sce_mae_jax.train.split_inputs import prepare_split
 
 
 # ---------------------------------------------------------------------------------------------- CARB forward
@@ -177,8 +143,8 @@ def validate(config) -> None:
         problems.append(f'carb.eta={cc.eta} must be in [0, 1]')
     if not 1 <= cc.num_clusters <= n:
         problems.append(f'carb.num_clusters={cc.num_clusters} must be in 1..{n}')
-    if cc.get('split', 'cls') not in carb.SPLITS:
-        problems.append(f'carb.split={cc.split!r} must be one of {carb.SPLITS}')
+    if cc.get('split', 'cls') not in SPLITS:
+        problems.append(f'carb.split={cc.split!r} must be one of {SPLITS}')
     if cc.mode not in ('A', 'B'):
         problems.append(f"carb.mode={cc.mode!r} must be 'A' or 'B'")
     if cc.objective not in ('lcr', 'lead'):
@@ -197,7 +163,7 @@ def validate(config) -> None:
     if len(config.lcr.rep) != 3:
         problems.append(f'lcr.rep={config.lcr.rep} must be three numbers (att-att, att-inatt, inatt-inatt)')
     if problems:
-        raise common.ConfigError('; '.join(problems))
+        raise ConfigError('; '.join(problems))
 
 
 def build(config, dataset_len: int):
@@ -233,10 +199,29 @@ def init_state(projector, tx, seed: int, num_tokens: int, width: int):
             'rng': jax.random.fold_in(rng, 2)}
 
 
+def device_augment(config):
+    """`fn(key, images)` of `input.device_augment` (crop, CL's jitter and flip in the step), else None."""
+    if not config.input.get('device_augment', False):
+        return None
+    return functools.partial(device_augment_lib.stage2, size=config.model.image_size,
+                             augment=config.input.get('augment', 'none'), flip=config.input.flip)
+
+
+def host_transform(config):
+    """The input pipeline's per-example transform: all of stage 2's input, or none of it with device_augment."""
+    if config.input.get('device_augment', False):
+        return pipeline.raw_images()
+    return pipeline.stage2_augment(config.model.image_size, config.input.get('augment', 'none'), config.input.flip)
+
+
 def train_step(state, backbone, batch, split_aux=None, *, encoder, projector, tx, schedule, config, mae=None):
     """One projector update. `backbone` and `split_aux` are arguments, read only: their forward runs outside
-    `value_and_grad`."""
-    images = pipeline.normalize(batch['image'], encoder.dtype)
+    `value_and_grad`. With `input.device_augment` the batch is cropped and augmented here, from (rng, step)."""
+    images = batch['image']
+    augment = device_augment(config)
+    if augment is not None:
+        images = augment(jax.random.fold_in(jax.random.fold_in(state['rng'], state['step']), 1), images)
+    images = pipeline.normalize(images, encoder.dtype)
     feats = jax.lax.stop_gradient(carb_features(backbone, images, encoder=encoder, cc=config.carb,
                                                 split_aux=split_aux, mae=mae))
     positions = carb.token_positions(encoder.grid, encoder.grid, encoder.patch_size)
@@ -255,20 +240,18 @@ def load_backbone(config, workdir: str, expected, encoder=None) -> dict:
     which tells whether stage 1 matters at all."""
     saved = os.path.join(fileio.resolve(workdir), 'backbone')
     if fileio.isdir(saved):
-        params = common.restore_tree(saved)
-    elif config.init_from == RANDOM_INIT:
-        params = random_encoder_params(encoder or encoder_from_model_config(config.model), config.seed)
+        params = checkpoints.restore_tree(saved)
+    elif not config.init_from:
+        raise ConfigError('stage 2 needs a stage-1 backbone: pass --config.init_from=<stage-1 workdir> '
+                          '(or a directory written by python -m sce_mae_jax.convert, or random_init '
+                          'for an untrained backbone)')
     else:
-        if not config.init_from:
-            raise common.ConfigError('stage 2 needs a stage-1 backbone: pass --config.init_from=<stage-1 workdir> '
-                                     '(or a directory written by python -m sce_mae_jax.convert, or random_init '
-                                     'for an untrained backbone)')
-        params = common.load_params(config.init_from)
-        params = params.get('encoder', params)
-    bad = common.shape_mismatches(params, expected)
+        params = load.encoder_params(config.init_from, encoder or encoder_from_model_config(config.model),
+                                     config.seed)
+    bad = checkpoints.shape_mismatches(params, expected)
     if bad:
-        raise common.ConfigError(f'the backbone from {config.init_from or saved} does not fit config.model '
-                                 f'(a different DeiT size?): ' + '; '.join(bad[:6]))
+        raise ConfigError(f'the backbone from {config.init_from or saved} does not fit config.model '
+                          f'(a different DeiT size?): ' + '; '.join(bad[:6]))
     params = jax.tree.map(lambda a: np.asarray(a, np.float32), params)
     if not fileio.isdir(saved):
         ckptr = ocp.StandardCheckpointer()
@@ -277,122 +260,12 @@ def load_backbone(config, workdir: str, expected, encoder=None) -> dict:
     return params
 
 
-# ---------------------------------------------------------------------------------------------- split I/O
-SPLIT_DIR = 'split'
-MAE_FIELDS = ('decoder_embed_dim', 'decoder_depth', 'decoder_num_heads', 'mask_ratio', 'norm_pix_loss')
-
-
-class _First:
-    """The first n items of a random-access source."""
-
-    def __init__(self, source, n: int):
-        self.source, self.n = source, min(n, len(source))
-
-    def __len__(self):
-        return self.n
-
-    def __getitem__(self, i):
-        return self.source[i]
-
-
-def estimate_cls_prior(backbone, source, *, encoder: ViT, layer: int, num_images: int, batch_size: int,
-                       mesh) -> np.ndarray:
-    """(N,) mean CLS similarity (eq. 1) at `layer` over the first `num_images` of `source` (centre crop, no
-    flip): the prior of split=cls_debiased. One jitted reduction over the mesh, the last batch masked."""
-    repl, data_sh = common.replicated(mesh), common.data_sharded(mesh)
-
-    def sums(bb, batch):
-        images = pipeline.normalize(batch['image'], encoder.dtype)
-        logits = encoder.apply({'params': bb}, images, capture=(layer,))['cls_logits'][layer]
-        w = batch['_mask'].astype(jnp.float32)
-        return jnp.sum(carb.cls_similarity(logits) * w[:, None], axis=0), jnp.sum(w)
-
-    fn = jax.jit(sums, in_shardings=(repl, data_sh), out_shardings=repl)
-    it, num_batches = pipeline.eval_iterator(_First(source, num_images), global_batch=batch_size,
-                                             transform=pipeline.eval_transform(encoder.image_size))
-    total, count = 0.0, 0.0
-    for _ in range(num_batches):
-        local = next(it)
-        s, c = fn(backbone, common.global_batch({'image': local['image'], '_mask': local['_mask']}, data_sh))
-        total, count = total + np.asarray(s), count + float(c)
-    return (total / max(count, 1.0)).astype(np.float32)
-
-
-def stage1_decoder(config) -> tuple[dict, dict]:
-    """(decoder parameters, MAE model fields) of the stage-1 MAE in `init_from`, for split=recon. With
-    init_from=random_init the whole MAE is untrained: a decoder of `carb.untrained_decoder`'s fields initialised
-    with `config.seed` (the pipeline copies stage 1's fields there, so the control matches its stage 1)."""
-    if config.init_from == RANDOM_INIT:
-        fields = {k: config.carb.untrained_decoder[k] for k in MAE_FIELDS}
-        m = config.model
-        mae = MAE(m.embed_dim, m.depth, m.num_heads, m.mlp_ratio, m.patch_size, m.image_size, **fields)
-        size = m.image_size
-        params = jax.jit(mae.init)(jax.random.PRNGKey(config.seed), jnp.zeros((1, size, size, 3)),
-                                   noise=jnp.zeros((1, mae.grid ** 2)))['params']
-        return jax.tree.map(np.asarray, {k: v for k, v in params.items() if k != 'encoder'}), fields
-    params = common.load_params(config.init_from)
-    decoder = {k: v for k, v in params.items() if k != 'encoder'}
-    cfg_path = os.path.join(fileio.resolve(config.init_from), 'config.json')
-    if 'encoder' not in params or not decoder or not fileio.exists(cfg_path):
-        raise common.ConfigError(f'carb.split=recon needs the stage-1 MAE decoder and its config.json in '
-                                 f'init_from={config.init_from} (a stage-1 workdir); this one has '
-                                 f'{"no decoder" if not decoder else "no config.json"}; choose another carb.split')
-    model = json.loads(fileio.read_text(cfg_path))['model']
-    missing = [k for k in MAE_FIELDS if k not in model]
-    if missing:
-        raise common.ConfigError(f'{cfg_path} lacks the MAE fields {missing}: is init_from a stage-1 workdir?')
-    return decoder, {k: model[k] for k in MAE_FIELDS}
-
-
-def prepare_split(config, workdir: str, source, *, encoder: ViT, backbone, mesh) -> tuple[dict, MAE | None]:
-    """What the attentive split reads besides the backbone, made once and kept in `workdir/split` so that a
-    resumed run splits exactly as the first did: cls_debiased's per-position prior (from the first
-    `carb.prior_images` training images) or recon's stage-1 decoder. → (split_aux replicated, frozen MAE or None);
-    ({}, None) for the criteria that need nothing."""
-    cc = config.carb
-    split = cc.get('split', 'cls')
-    if split not in ('cls_debiased', 'recon'):
-        return {}, None
-    path = os.path.join(fileio.resolve(workdir), SPLIT_DIR)
-    meta_path, aux_path = os.path.join(path, 'split.json'), os.path.join(path, 'aux')
-    if fileio.exists(meta_path):
-        meta = json.loads(fileio.read_text(meta_path))
-        if meta['split'] != split:
-            raise common.ConfigError(f'{workdir} was trained with carb.split={meta["split"]}, not {split}; '
-                                     'use a new workdir to change the split')
-        aux = common.restore_tree(aux_path)
-    else:
-        if split == 'cls_debiased':
-            aux = {'prior': estimate_cls_prior(backbone, source, encoder=encoder, layer=cc.layer,
-                                               num_images=cc.prior_images, batch_size=config.batch_size, mesh=mesh)}
-            meta = {'split': split, 'prior_images': min(cc.prior_images, len(source)), 'layer': cc.layer}
-            logging.info('split=cls_debiased: CLS prior at block %d from %d images (max/mean %.1f)', cc.layer,
-                         meta['prior_images'], aux['prior'].max() / aux['prior'].mean())
-        else:
-            decoder, model = stage1_decoder(config)
-            aux, meta = {'decoder': decoder}, {'split': split, 'model': model, 'init_from': config.init_from}
-        aux = jax.tree.map(lambda a: np.asarray(a, np.float32), aux)
-        if jax.process_index() == 0 and fileio.exists(aux_path):
-            fileio.rmtree(aux_path)  # left by a run stopped before split.json, the commit mark, was written
-        ckptr = ocp.StandardCheckpointer()
-        ckptr.save(aux_path, aux)
-        ckptr.wait_until_finished()
-        if jax.process_index() == 0:
-            fileio.write_text(meta_path, json.dumps(meta, indent=2))
-    mae = None
-    if split == 'recon':
-        m = config.model
-        mae = MAE(m.embed_dim, m.depth, m.num_heads, m.mlp_ratio, m.patch_size, m.image_size, **meta['model'],
-                  dtype=m.get('dtype', 'float32'))
-    return common.replicate(aux, mesh), mae
-
-
 # ---------------------------------------------------------------------------------------------- loop
 def train(config, workdir: str) -> dict:
     from sce_mae_jax.data.sources import get_source
 
     validate(config)
-    common.prepare_workdir(workdir, config)
+    workdir_lib.prepare_workdir(workdir, config)
     mesh = common.make_mesh()
     common.check_batch_size(config.batch_size)
     repl, data_sh = common.replicated(mesh), common.data_sharded(mesh)
@@ -400,9 +273,8 @@ def train(config, workdir: str) -> dict:
     source = get_source(config.data, config.split, manual_dir=config.manual_dir or None,
                         data_dir=config.data_dir or None, seed=config.data_seed)
     size = config.model.image_size
-    transform = pipeline.stage2_augment(size, config.input.get('augment', 'none'), config.input.flip)
-    it = pipeline.train_iterator(source, global_batch=config.batch_size, seed=config.seed, transform=transform,
-                                 num_workers=config.input.workers)
+    it = pipeline.train_iterator(source, global_batch=config.batch_size, seed=config.seed,
+                                 transform=host_transform(config), num_workers=config.input.workers)
 
     encoder = encoder_from_model_config(config.model)
     expected = jax.eval_shape(encoder.init, jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3)))['params']
@@ -418,7 +290,10 @@ def train(config, workdir: str) -> dict:
                                                                  mae=mae)['cluster_id']), out_shardings=repl)
 
     def figure_fn(step_num, state, batch):
-        images, cid = clusters_fn(backbone, split_aux, batch['image'][:8])
+        images = batch['image'][:8]
+        if images.shape[1] != size:  # device_augment: the batch is as read; show its centre
+            images = device_augment_lib.center_crop(images, size)
+        images, cid = clusters_fn(backbone, split_aux, images)
         if jax.process_index() == 0:
             fileio.makedirs(os.path.join(workdir, 'figures'))
             figures.save_cluster_png(os.path.join(workdir, 'figures', f'clusters_{step_num:07d}.png'),

@@ -9,7 +9,6 @@ so it is committed atomically with the arrays) and must be finite. Bytes changed
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import re
 import shutil

@@ -1,4 +1,6 @@
-"""What both trainers share: the device mesh, global batches, checkpoints, metric writing, preemption.
+"""What every trainer shares: the device mesh, global batches, metric writing, and the training loop with its
+finiteness and preemption checks. Checkpoint I/O is train/checkpoints.py, the workdir (creation, run lock)
+sce_mae_jax/workdir.py.
 
 The step functions are pure and `jax.jit`-ed over a 1-D mesh of every device of every process: parameters are
 replicated (`P()`), the batch is split on the `data` axis, and XLA inserts the gradient all-reduce. This is
@@ -6,11 +8,9 @@ the SPMD form of a pmapped step and runs unchanged on 1 CPU, simulated devices, 
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
-import socket
 import time
 from typing import Any
 
@@ -23,12 +23,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from sce_mae_jax import errors, fileio
 from sce_mae_jax import workdir as workdir_lib
-from sce_mae_jax.errors import ConfigError, RunStopped  # noqa: F401  (re-exported: jobs raise common.*)
+from sce_mae_jax.errors import ConfigError, RunStopped
 from sce_mae_jax.train import checkpoints
-# re-exported: the trainers, evaluations and tests reach the checkpoint functions as common.*
-from sce_mae_jax.train.checkpoints import (  # noqa: F401
-    CORRUPT, abstract_like, checkpoint_manager, has_checkpoint, load_params, local_target, restore_checkpoint,
-    restore_latest, restore_tree, save_checkpoint, shape_mismatches)
 
 
 # ---------------------------------------------------------------------------------------------- mesh & batches
@@ -162,21 +158,37 @@ def read_metrics(workdir: str) -> list[dict]:
 
 
 class Throughput:
-    """images/s and ETA over the interval since the last call (host time, so it includes input waits)."""
+    """images/s, ETA and the share of the time spent waiting for input, over the interval since the last call.
 
-    def __init__(self, global_batch: int, total_steps: int, first_step: int):
-        self.batch, self.total = global_batch, total_steps
+    Host time: the step is dispatched asynchronously, so the host runs ahead until the device queue is full and
+    then waits inside the step; time spent in `next(data_iter)` (`waited`) is time the input pipeline, not the
+    device, held the run up. An interval after the first (which holds the pipeline's start-up) that waited for
+    more than `WAIT_WARNING` of its time logs one warning per run, naming the knobs."""
+    WAIT_WARNING = 0.1
+
+    def __init__(self, global_batch: int, total_steps: int, first_step: int, workers=None):
+        self.batch, self.total, self.workers = global_batch, total_steps, workers
         self.t, self.step = time.time(), first_step
+        self.waited, self.intervals, self.warned = 0.0, 0, False
 
     def __call__(self, step: int) -> dict:
         now = time.time()
-        dt, ds = now - self.t, step - self.step
-        self.t, self.step = now, step
+        dt, ds, waited = now - self.t, step - self.step, self.waited
+        self.t, self.step, self.waited = now, step, 0.0
         if ds <= 0 or dt <= 0:
             return {}
+        self.intervals += 1
+        wait = min(1.0, waited / dt)
+        if wait > self.WAIT_WARNING and self.intervals > 1 and not self.warned:
+            self.warned = True
+            knob = f'--config.input.workers (now {self.workers})' if self.workers is not None else \
+                'the input workers'
+            logging.warning('the run waited for input %.0f%% of the time up to step %d: the input pipeline is the '
+                            'bottleneck; raise %s, or read prepared shards (python -m sce_mae_jax.data.prepare) '
+                            'instead of decoding raw files', 100 * wait, step, knob)
         ips = ds * self.batch / dt
         return {'images_per_s': ips, 'images_per_s_per_device': ips / jax.device_count(),
-                'eta_hours': (self.total - step) * dt / ds / 3600.0}
+                'eta_hours': (self.total - step) * dt / ds / 3600.0, 'input_wait': wait}
 
 
 # ---------------------------------------------------------------------------------------------- run setup
@@ -222,19 +234,20 @@ def train_loop(config, workdir: str, *, state, state_sharding, step_fn, data_ite
     `step_fn(state, batch) -> (state, metrics)` is the jitted step; `figure_fn(step, state, batch)` is called
     on every process every `config.figure_every` steps (it may run collectives; it writes on process 0).
     `monitor_fn(state) -> {name: float}` (train/monitor.py) runs on every process every `config.monitor.every`
-    steps and at the last one (of a run at least that long); its values join that step's record (a record is written there if the step
-    would not have been logged).
+    steps and at the last one (of a run at least that long); its values join that step's record (a record is
+    written there if the step would not have been logged).
     Metrics of step n are fetched after step n+1 is dispatched, so the host never waits on the device; the
     finiteness of loss and gradient norm is tracked on the device every step and read only where the host
     waits anyway (logged steps, checkpoints), so a non-finite step stops the run before any checkpoint of it.
     """
-    with workdir_lock(workdir):
-        mngr = checkpoint_manager(workdir, max_to_keep=config.keep_checkpoints,
+    with workdir_lib.workdir_lock(workdir):
+        mngr = checkpoints.checkpoint_manager(workdir, max_to_keep=config.keep_checkpoints,
                                   save_interval_steps=config.checkpoint_every)
         newest = lambda: checkpoints.newest_intact(mngr.directory)  # noqa: E731
         writer = None
         try:
-            restored = restore_latest(mngr, abstract_like(state, state_sharding), data_iter, workdir)
+            restored = checkpoints.restore_latest(mngr, checkpoints.abstract_like(state, state_sharding), data_iter,
+                                                  workdir)
             state = state if restored is None else restored.state
             writer = MetricWriter(workdir, resume_step=0 if restored is None else restored.step, newest=newest)
             # shapes only: statistics would copy every parameter to the host (and span hosts on a pod)
@@ -268,7 +281,7 @@ def _loop(config, mngr, writer, state, step_fn, data_iter, batch_sharding, total
           workdir, monitor_fn=None) -> dict:
     guard = PreemptionGuard()
     step = int(state['step'])
-    meter = Throughput(config.batch_size, total_steps, step)
+    meter = Throughput(config.batch_size, total_steps, step, config.get('input', {}).get('workers'))
     pending = None
     # a checkpoint takes about the raw bytes of the state (random floats barely compress) plus metadata
     needed = checkpoints.state_bytes(state) * 5 // 4 + 2**18
@@ -287,10 +300,13 @@ def _loop(config, mngr, writer, state, step_fn, data_iter, batch_sharding, total
             mngr.wait_until_finished()
         checkpoints.preflight(mngr, step, needed)
         with checkpoints.checkpoint_io(mngr, step):
-            save_checkpoint(mngr, step, state, data_iter, force=force)
+            checkpoints.save_checkpoint(mngr, step, state, data_iter, force=force)
 
     while step < total_steps:
-        batch = global_batch(next(data_iter), batch_sharding)
+        t0 = time.perf_counter()
+        local = next(data_iter)
+        meter.waited += time.perf_counter() - t0
+        batch = global_batch(local, batch_sharding)
         state, metrics = step_fn(state, batch)
         step += 1
         finite.update(step, metrics)
@@ -310,7 +326,8 @@ def _loop(config, mngr, writer, state, step_fn, data_iter, batch_sharding, total
         if mngr.should_save(step):
             save(step)
         if guard.should_stop(mngr, step):
-            save(step, force=True)
+            if mngr.latest_step() != step:  # a signal during a checkpoint step: that checkpoint is the final one
+                save(step, force=True)
             _stopped_by.append(guard.signalled or signal.SIGTERM)
             logging.warning('stopped at step %d after a preemption signal; rerun the same command to resume', step)
             break
@@ -364,10 +381,11 @@ class FiniteWatch:
             start, checksummed = self.origin
             if not checksummed and first == start + 1:
                 bad = os.path.join(str(mngr.directory), str(start))
+                corrupt = os.path.join(os.path.dirname(str(mngr.directory)), checkpoints.CORRUPT)
                 raise RunStopped(
                     f'step {first}: non-finite {names} at the first step after restoring checkpoint {start}: the '
                     'restored state is bad (it was saved without checksums, so only its finiteness could be '
-                    f'verified); move {bad} to {os.path.join(os.path.dirname(str(mngr.directory)), CORRUPT)}/ '
+                    f'verified); move {bad} to {corrupt}/ '
                     'and rerun to resume from the checkpoint before it')
             since = f'the verified checkpoint at step {start}' if checksummed else f'the checkpoint at step {start}'
         else:
@@ -378,144 +396,6 @@ class FiniteWatch:
         raise RunStopped(f'step {first}: non-finite {names}: training diverged after {first - start - 1} finite '
                          f'steps from {since}; stopped without checkpointing it ({kept}). Lower the learning rate '
                          '(or check the data), then rerun to resume from the last checkpoint')
-
-
-LOCK = 'run.lock'
-
-
-@contextlib.contextmanager
-def workdir_lock(workdir: str):
-    """Holds `workdir/run.lock` (pid, host, start time) while a job runs, so a second run on the same workdir
-    stops at once instead of interleaving checkpoints. A lock left by a dead process of this host is stale
-    and taken over; one from another host can only be judged by the user. Re-entrant within a process (the
-    pipeline locks its workdir, then each stage its own). Taken by process 0 for all processes."""
-    ensure_workdir(workdir)
-    path = os.path.join(workdir, LOCK)
-    take = _take_remote_lock if fileio.is_remote(path) else _take_lock
-    problem, mine = None, False
-    if jax.process_index() == 0:
-        try:
-            with errors.writing('the run lock', path, lambda: checkpoints.newest_intact(_ckpt_dir(workdir))):
-                problem, mine = take(path)
-        except errors.StorageError as e:  # reported after the other processes hear of it
-            problem = str(e)
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-        refused = bool(multihost_utils.broadcast_one_to_all(np.int32(problem is not None)))
-        if refused and problem is None:
-            problem = f'process 0 found {path} held by another run'
-    if problem is not None:
-        raise RunStopped(problem)
-    try:
-        yield
-    finally:
-        if mine:
-            try:
-                fileio.remove(path)
-            except OSError as e:  # the run is over; a lock of a dead process is taken over by the next run
-                logging.warning('could not remove the run lock %s: %s', path, e)
-
-
-def _ckpt_dir(workdir: str) -> str:
-    return os.path.join(fileio.resolve(workdir), 'checkpoints')
-
-
-def _pid_alive(pid) -> bool:
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, ValueError, TypeError, OverflowError):
-        return True  # someone else's process, or a lock we cannot read: assume it runs
-    return True
-
-
-def _take_lock(path: str) -> tuple[str | None, bool]:
-    """(None, whether we created it) when this process may run; (the message, False) when another run holds it."""
-    me = {'pid': os.getpid(), 'host': socket.gethostname(), 'started': time.strftime('%Y-%m-%d %H:%M:%S %Z')}
-    for _ in range(3):
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            try:
-                with open(path) as f:
-                    held = json.load(f)
-            except (OSError, ValueError):
-                held = {}
-            if held.get('pid') == me['pid'] and held.get('host') == me['host']:
-                return None, False
-            if held.get('host') == me['host'] and not _pid_alive(held.get('pid')):
-                logging.warning('taking over the stale lock %s of pid %s (no longer running)', path, held['pid'])
-                try:
-                    os.remove(path)
-                except FileNotFoundError:
-                    pass
-                continue
-            return _in_use(path, held), False
-        with os.fdopen(fd, 'w') as f:
-            json.dump(me, f)
-        return None, True
-    return f'could not take the lock {path} (it keeps reappearing); is another run starting?', False
-
-
-def _lock_holder(path: str) -> dict:
-    try:
-        return json.loads(fileio.read_text(path))
-    except (OSError, ValueError):
-        return {}
-
-
-def _in_use(path: str, held: dict) -> str:
-    who = (f'pid {held.get("pid")} on {held.get("host")} since {held.get("started")}' if held else
-           'a run whose lock cannot be read')
-    return (f'workdir {os.path.dirname(path)} is in use by {who}; wait for it or stop it, or if no run '
-            f'is using this workdir any more, delete {path}')
-
-
-def _take_remote_lock(path: str) -> tuple[str | None, bool]:
-    """`_take_lock` for a bucket, which has no exclusive create: read, write if free, read back. Two runs
-    starting within the same second may both pass; a run started later stops as on a local disk."""
-    me = {'pid': os.getpid(), 'host': socket.gethostname(), 'started': time.strftime('%Y-%m-%d %H:%M:%S %Z')}
-    if fileio.exists(path):
-        held = _lock_holder(path)
-        if held.get('pid') == me['pid'] and held.get('host') == me['host']:
-            return None, False
-        if not (held.get('host') == me['host'] and not _pid_alive(held.get('pid'))):
-            return _in_use(path, held), False
-        logging.warning('taking over the stale lock %s of pid %s (no longer running)', path, held['pid'])
-    logging.warning('%s: a bucket has no exclusive create, so this run lock is best effort (two runs started '
-                    'at the same moment may both proceed)', path)
-    fileio.write_text(path, json.dumps(me))
-    held = _lock_holder(path)
-    if held != me:
-        return _in_use(path, held), False
-    return None, True
-
-
-def ensure_workdir(workdir: str) -> None:
-    """Creates `workdir`, or stops with one line saying why it cannot be used (`sce_mae_jax.workdir`)."""
-    if fileio.is_remote(workdir):  # a bucket has no directories to check; the first write names a bad bucket
-        try:
-            fileio.makedirs(workdir)
-        except ImportError as e:
-            raise ConfigError(f'--workdir={workdir} needs a file system for its scheme: {e} (for gs://, '
-                              'pip install -e ".[gcs]")') from e
-        return
-    message = workdir_lib.problem(workdir)
-    if message is not None:
-        raise ConfigError(message)
-    with errors.writing('the workdir', workdir, lambda: checkpoints.newest_intact(_ckpt_dir(workdir))):
-        fileio.makedirs(workdir)
-
-
-def prepare_workdir(workdir: str, config) -> None:
-    """A training workdir: created, with the resolved config.json (evaluations keep theirs in results.json,
-    since several write into one workdir)."""
-    ensure_workdir(workdir)
-    if jax.process_index() == 0:
-        path = os.path.join(workdir, 'config.json')
-        with errors.writing('config.json', path, lambda: checkpoints.newest_intact(_ckpt_dir(workdir))):
-            fileio.write_text(path, config.to_json_best_effort(indent=2))
 
 
 def tree_size(tree) -> int:

@@ -11,11 +11,13 @@ import jax
 import jax.numpy as jnp
 import optax
 from absl import logging
-from sce_mae_jax import fileio, figures
-from sce_mae_jax.data import pipeline
+
+from sce_mae_jax import fileio, figures, workdir as workdir_lib
+from sce_mae_jax.data import device_augment as device_augment_lib, pipeline
+from sce_mae_jax.errors import ConfigError
 from sce_mae_jax.models.mae import MAE, encoder_from_model_config
 from sce_mae_jax.models.vit import patchify, unpatchify
-from sce_mae_jax.train import common, monitor as monitor_lib, optim
+from sce_mae_jax.train import checkpoints, common, monitor as monitor_lib, optim
 
 
 # ---------------------------------------------------------------------------------------------- model & optimiser
@@ -37,7 +39,7 @@ def state_and_step(config, mesh, dataset_len: int):
     init = functools.partial(init_state, model, tx, config.seed)
     state_sh = jax.tree.map(lambda _: repl, jax.eval_shape(init))
     state = jax.jit(init, out_shardings=state_sh)()
-    step = jax.jit(functools.partial(train_step, model=model, tx=tx, schedule=schedule),
+    step = jax.jit(functools.partial(train_step, model=model, tx=tx, schedule=schedule, augment=device_augment(config)),
                    in_shardings=(state_sh, data_sh), out_shardings=(state_sh, repl), donate_argnums=0)
     return model, tx, total_steps, state, state_sh, step
 
@@ -52,12 +54,32 @@ def init_state(model, tx, seed: int):
             'rng': jax.random.fold_in(rng, 2)}
 
 
+def device_augment(config):
+    """`fn(key, images)` of `input.device_augment` (the crop, resize and flip in the step), else None."""
+    if not config.input.get('device_augment', False):
+        return None
+    return functools.partial(device_augment_lib.pretrain, size=config.model.image_size,
+                             scale=tuple(config.input.crop_scale), flip=config.input.flip)
+
+
+def host_transform(config):
+    """The per-example transform of the input pipeline: the whole augmentation, or none of it when the step
+    augments on the devices."""
+    if config.input.get('device_augment', False):
+        return pipeline.raw_images()
+    return pipeline.pretrain_augment(config.model.image_size, config.input.crop_scale, config.input.flip)
+
+
 # ---------------------------------------------------------------------------------------------- the step
-def train_step(state, batch, *, model, tx, schedule):
-    """One MAE update on a global batch of uint8 images. Pure; masking noise is a function of (rng, step),
-    so the same step gives the same mask whatever the device count or a resume."""
+def train_step(state, batch, *, model, tx, schedule, augment=None):
+    """One MAE update on a global batch of uint8 images. Pure; masking noise (and, with `augment`, every crop
+    and flip) is a function of (rng, step), so the same step gives the same mask whatever the device count or a
+    resume."""
     rng = jax.random.fold_in(state['rng'], state['step'])
-    images = pipeline.normalize(batch['image'])
+    images = batch['image']
+    if augment is not None:
+        images = augment(jax.random.fold_in(rng, 1), images)
+    images = pipeline.normalize(images)
 
     def loss_fn(params):
         loss, _, _ = model.apply({'params': params}, images, rngs={'masking': rng})
@@ -90,27 +112,25 @@ def reconstruct(params, images_uint8, rng, *, model):
 def train(config, workdir: str) -> dict:
     from sce_mae_jax.data.sources import get_source
 
-    common.prepare_workdir(workdir, config)
+    workdir_lib.prepare_workdir(workdir, config)
     mesh = common.make_mesh()
     common.check_batch_size(config.batch_size)
     repl, data_sh = common.replicated(mesh), common.data_sharded(mesh)
 
     source = get_source(config.data, config.get('split', 'pretrain'), manual_dir=config.manual_dir or None,
                         data_dir=config.data_dir or None, seed=config.data_seed)
-    it = pipeline.train_iterator(
-        source, global_batch=config.batch_size, seed=config.seed,
-        transform=pipeline.pretrain_augment(config.model.image_size, config.input.crop_scale, config.input.flip),
-        num_workers=config.input.workers)
+    it = pipeline.train_iterator(source, global_batch=config.batch_size, seed=config.seed,
+                                 transform=host_transform(config), num_workers=config.input.workers)
 
     model, tx, total_steps, state, state_sh, step_fn = state_and_step(config, mesh, len(source))
     logging.info('model: %s parameters (encoder %s)', f'{common.tree_size(state["params"]):,}',
                  f'{common.tree_size(state["params"]["encoder"]):,}')
 
-    if config.init_from and not common.has_checkpoint(workdir):  # a resume takes precedence
-        params = common.load_params(config.init_from)
-        bad = common.shape_mismatches(params, state['params'])
+    if config.init_from and not checkpoints.has_checkpoint(workdir):  # a resume takes precedence
+        params = checkpoints.load_params(config.init_from)
+        bad = checkpoints.shape_mismatches(params, state['params'])
         if bad:
-            raise common.ConfigError(f'init_from={config.init_from} does not fit config.model: ' + '; '.join(bad[:6]))
+            raise ConfigError(f'init_from={config.init_from} does not fit config.model: ' + '; '.join(bad[:6]))
         params = common.replicate(params, mesh)
         state = {**state, 'params': params,
                  'opt_state': jax.jit(tx.init, out_shardings=state_sh['opt_state'])(params)}
@@ -119,7 +139,10 @@ def train(config, workdir: str) -> dict:
     recon_fn = jax.jit(functools.partial(reconstruct, model=model), out_shardings=repl)
 
     def figure_fn(step, state, batch):
-        rows = recon_fn(state['params'], batch['image'][:8], jax.random.PRNGKey(step))
+        images = batch['image'][:8]
+        if images.shape[1] != model.image_size:  # device_augment: the batch is as read; show its centre
+            images = device_augment_lib.center_crop(images, model.image_size)
+        rows = recon_fn(state['params'], images, jax.random.PRNGKey(step))
         if jax.process_index() == 0:
             fileio.makedirs(os.path.join(workdir, 'figures'))
             figures.save_reconstruction_png(os.path.join(workdir, 'figures', f'recon_{step:07d}.png'), rows)

@@ -4,7 +4,7 @@ Every builder reads a user-prepared ``manual_dir`` (layouts in docs/datasets.md)
 transform of `preprocess.py` once at preparation time and writes array_record files whose features need no
 TensorFlow to encode or decode:
 
-  image      Tensor (136, 136, 3) uint8   already preprocessed
+  image      Tensor (136, 136, 3) uint8   already preprocessed, stored as raw bytes (Encoding.BYTES)
   landmarks  Tensor (L, 2) float32        xy in the 136-px frame (pixel (r, c) has centre x=c, y=r)
   index      Tensor () int64              position in the split, = file order of the dataset's lists
   filename   Tensor () str                image path relative to manual_dir, for tracing
@@ -76,8 +76,9 @@ def check_images(manual_dir: Path, index: dict[str, list[Example]], what: str) -
 class LandmarkBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     """Base of the five builders; subclasses define `read_index` and `preprocess`."""
 
-    VERSION = tfds.core.Version('1.0.0')
-    RELEASE_NOTES = {'1.0.0': 'Protocol preprocessing of method.md §4 at 136 px.'}
+    VERSION = tfds.core.Version('1.1.0')
+    RELEASE_NOTES = {'1.0.0': 'Protocol preprocessing of method.md §4 at 136 px.',
+                     '1.1.0': 'Images stored as raw bytes (Encoding.BYTES) instead of one int64 per byte.'}
     MANUAL_DOWNLOAD_INSTRUCTIONS = 'Prepare the files in the layout of docs/datasets.md and pass manual_dir.'
     NUM_LANDMARKS = 5
     IOD_INDICES = (0, 1)  # eye centres for 5-point sets (landmarks: l-eye, r-eye, nose, l-mouth, r-mouth)
@@ -95,8 +96,10 @@ class LandmarkBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             description=self.DESCRIPTION,
             homepage=self.HOMEPAGE,
             features=tfds.features.FeaturesDict({
-                'image': tfds.features.Tensor(
-                    shape=(preprocess.OUT_SIZE, preprocess.OUT_SIZE, 3), dtype=np.uint8),
+                # raw bytes: TFDS's default stores each uint8 as a protobuf int64 varint, which costs most of a
+                # core's reading time (docs/benchmarks.md, "Input pipeline per core")
+                'image': tfds.features.Tensor(shape=(preprocess.OUT_SIZE, preprocess.OUT_SIZE, 3), dtype=np.uint8,
+                                              encoding=tfds.features.Encoding.BYTES),
                 'landmarks': tfds.features.Tensor(shape=(self.NUM_LANDMARKS, 2), dtype=np.float32),
                 'index': tfds.features.Tensor(shape=(), dtype=np.int64),
                 'filename': tfds.features.Tensor(shape=(), dtype=np.str_),
