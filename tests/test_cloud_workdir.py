@@ -91,10 +91,10 @@ def test_files_metrics_and_lock(workdir, monkeypatch):
 
 
 def test_detection_regressor_settings(workdir):
-    from sce_mae_jax.evals import detection
+    from sce_mae_jax.evals import regressor
     wd, local = workdir
     unit = os.path.join(wd, 'detection', 'set', 'row')
-    detection._check_settings(unit, {'lr': 1.0, 'hidden': (2,)})  # pylint: disable=protected-access
+    regressor._check_settings(unit, {'lr': 1.0, 'hidden': (2,)})  # pylint: disable=protected-access
     assert json.load(open(os.path.join(local, 'detection', 'set', 'row', 'regressor.json'))) == {
         'lr': 1.0, 'hidden': [2]}
 
