@@ -89,11 +89,14 @@ def _free_port():
 
 
 def test_same_numbers_on_one_and_eight_devices_and_two_processes(workdirs, tmp_path):
-    run_main(_args(workdirs, tmp_path / 'd1'), devices=1)
-    run_main(_args(workdirs, tmp_path / 'd8'), devices=8)
+    # the numbers only: figures and the premise statistics read the same features (tested above and in
+    # test_attentive), and drawing them three times here cost a third of the test
+    numbers = ['--config.figures.pairs=0', '--config.premise.images=0']
+    run_main(_args(workdirs, tmp_path / 'd1', *numbers), devices=1)
+    run_main(_args(workdirs, tmp_path / 'd8', *numbers), devices=8)
     port = _free_port()
     env = cpu_env(2)
-    procs = [subprocess.Popen([sys.executable, '-m', 'sce_mae_jax.main', *_args(workdirs, tmp_path / 'p2'),
+    procs = [subprocess.Popen([sys.executable, '-m', 'sce_mae_jax.main', *_args(workdirs, tmp_path / 'p2', *numbers),
                                f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2', f'--process_id={i}'],
                               cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for i in range(2)]

@@ -70,6 +70,12 @@ def test_eight_devices_match_one(stage1, tmp_path):
     np.testing.assert_allclose([l8[s] for s in l1], [l1[s] for s in l1], rtol=1e-5)
 
 
+def _jit(fn, **static):
+    """`fn` with its keyword arguments bound, compiled as one program: run eagerly, each of its hundreds of ops
+    would be compiled on its own (most of these tests' time)."""
+    return jax.jit(functools.partial(fn, **static))
+
+
 def _backbone_and_images(batch=2, seed=0):
     vit = ViT(embed_dim=48, depth=4, num_heads=2)
     images = jax.random.normal(jax.random.PRNGKey(seed), (batch, 96, 96, 3))
@@ -99,16 +105,18 @@ def test_mode_a_equals_dropping_tokens():
     vit, params, images = _backbone_and_images()
     cc = _config().carb
     cc.mode = 'A'
-    feats = carb_train.carb_features(params, images, encoder=vit, cc=cc)
+    feats = _jit(carb_train.carb_features, encoder=vit, cc=cc)(params, images)
     layer = cc.layer
     p = {'params': params}
-    x = vit.apply(p, images, method=lambda m, im: m.prepend_cls(m.embed(im)))
-    x, outs, logits = vit.apply(p, x, 0, layer + 1, None, (layer,), method=ViT.blocks_forward)
+    x = jax.jit(lambda p, im: vit.apply(
+        p, vit.apply(p, im, method=lambda m, im: m.prepend_cls(m.embed(im))), 0, layer + 1, None, (layer,),
+        method=ViT.blocks_forward)[0])(p, images)
+    rest = jax.jit(lambda p, x: vit.apply(p, vit.apply(p, x, layer + 1, None, method=ViT.blocks_forward)[0],
+                                          method=ViT.final_norm))
     for b in range(images.shape[0]):
         keep = np.flatnonzero(np.asarray(feats['selected'][b]))
         reduced = x[b:b + 1, np.concatenate([[0], keep + 1])]
-        y, _, _ = vit.apply(p, reduced, layer + 1, None, method=ViT.blocks_forward)
-        y = vit.apply(p, y, method=ViT.final_norm)[0, 1:]
+        y = rest(p, reduced)[0, 1:]
         np.testing.assert_allclose(np.asarray(feats['tokens'][b, keep]), np.asarray(y), atol=2e-5)
         # every other token carries its centre's output
         cid = np.asarray(feats['cluster_id'][b])
@@ -121,14 +129,14 @@ def test_mode_a_equals_dropping_tokens():
 def test_gathered_loss_equals_masked_loss():
     vit, params, images = _backbone_and_images(batch=3)
     config = _config()
-    feats = carb_train.carb_features(params, images, encoder=vit, cc=config.carb)
+    feats = _jit(carb_train.carb_features, encoder=vit, cc=config.carb)(params, images)
     _, projector, _, _, _ = carb_train.build(config, 10)
     proj_params = carb_train.init_state(projector, carb_train.build(config, 10)[2], 0, 144, 48)['params']
     pos = carb.token_positions(12, 12, 8)
-    config.carb.gather_selected = True
-    gathered, _ = carb_train.stage2_loss(proj_params, feats, projector=projector, config=config, positions=pos)
+    config.carb.gather_selected = True  # read while tracing: each jit below bakes in its own setting
+    gathered, _ = _jit(carb_train.stage2_loss, projector=projector, config=config, positions=pos)(proj_params, feats)
     config.carb.gather_selected = False
-    masked, _ = carb_train.stage2_loss(proj_params, feats, projector=projector, config=config, positions=pos)
+    masked, _ = _jit(carb_train.stage2_loss, projector=projector, config=config, positions=pos)(proj_params, feats)
     np.testing.assert_allclose(float(gathered), float(masked), rtol=1e-5)
 
 
@@ -141,7 +149,7 @@ def test_stage2_trains_on_the_map_that_evaluation_reads():
     images = np.random.default_rng(3).integers(0, 256, (2, 96, 96, 3), dtype=np.uint8)
     config = _config()
     assert (config.carb.projector_input, config.carb.projector_map) == ('raw', 'upsampled')
-    feats = carb_train.carb_features(params, pipeline.normalize(jnp.asarray(images)), encoder=vit, cc=config.carb)
+    feats = _jit(carb_train.carb_features, encoder=vit, cc=config.carb)(params, pipeline.normalize(jnp.asarray(images)))
     _, projector, tx, _, _ = carb_train.build(config, 10)
     proj_params = carb_train.init_state(projector, tx, 0, 144, 48)['params']
     train_desc, dense = carb_train.token_descriptors(proj_params, feats, projector=projector, cc=config.carb,
@@ -239,8 +247,8 @@ def test_every_split_runs_one_step(split):
                                      schedule=schedule, config=config, mae=mae))
     _, metrics = step(state, backbone, batch, aux)
     assert np.isfinite(float(metrics['loss'])) and float(metrics['num_selected']) == 15 + 4
-    feats = carb_train.carb_features(backbone, pipeline.normalize(batch['image']), encoder=encoder, cc=config.carb,
-                                     split_aux=aux, mae=mae)
+    feats = _jit(carb_train.carb_features, encoder=encoder, cc=config.carb, mae=mae)(
+        backbone, pipeline.normalize(batch['image']), split_aux=aux)
     assert np.all(np.asarray(feats['attentive']).sum(1) == 15)
 
 
@@ -250,10 +258,11 @@ def test_reconstruction_errors_are_the_maes_own_loss_under_each_mask():
     vit, _, images = _backbone_and_images()
     mae, params = _tiny_mae_and_params(vit)
     masks = splits.complementary_masks(144, 36)
-    errors = splits.reconstruction_errors(mae, params, images, masks)
+    errors = jax.jit(functools.partial(splits.reconstruction_errors, mae))(params, images, masks)
     assert errors.shape == (4, 2, 144)
+    mae_loss = jax.jit(lambda p, im, noise: mae.apply({'params': p}, im, noise=noise))
     for m in range(4):
-        loss, _, used = mae.apply({'params': params}, images, noise=jnp.broadcast_to(masks[m], (2, 144)))
+        loss, _, used = mae_loss(params, images, jnp.broadcast_to(masks[m], (2, 144)))
         np.testing.assert_array_equal(np.asarray(used), np.broadcast_to(masks[m], (2, 144)))
         want = float(np.sum(np.asarray(errors[m]) * masks[m]) / np.sum(np.broadcast_to(masks[m], (2, 144))))
         np.testing.assert_allclose(float(loss), want, rtol=1e-5)
