@@ -36,16 +36,6 @@ def pytest_xdist_auto_num_workers(config):
     (docs/benchmarks.md)."""
     return len(os.sched_getaffinity(0)) + 1 if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1) + 1
 
-
-# The files that train and evaluate end to end, longest first: `--dist=loadfile` hands out files in collection
-# order, so a long file collected last would run alone at the end while the other workers sit idle.
-LONGEST_FIRST = ('test_eval_matching', 'test_train_carb', 'test_pretrain', 'test_detection', 'test_quickstart')
-
-
-def pytest_collection_modifyitems(config, items):
-    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.stem, len(rank)))  # stable: the rest keep their order
-
 # A model small enough for CI's 2 cores; same code paths as DeiT-S.
 TINY_MODEL = ['--config.model.embed_dim=48', '--config.model.depth=2', '--config.model.num_heads=2',
               '--config.model.decoder_embed_dim=32', '--config.model.decoder_depth=1',
