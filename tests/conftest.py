@@ -36,6 +36,7 @@ def pytest_xdist_auto_num_workers(config):
     (docs/benchmarks.md)."""
     return len(os.sched_getaffinity(0)) + 1 if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1) + 1
 
+
 # A model small enough for CI's 2 cores; same code paths as DeiT-S.
 TINY_MODEL = ['--config.model.embed_dim=48', '--config.model.depth=2', '--config.model.num_heads=2',
               '--config.model.decoder_embed_dim=32', '--config.model.decoder_depth=1',
