@@ -178,8 +178,9 @@ def bench_data(config, workers: Sequence[int] = (0, 2)) -> dict:
     for w in workers:
         # 60 batches: long enough that batches prefetched before the clock starts do not count much
         rates[w] = _pipeline_rate(src, config, w, batches=60)
-        print(f'stage-1 pipeline (generate + random resized crop + flip, batch {config.batch_size}, {w} worker '
-              f'processes): {rates[w]:.0f} images/s')
+        host = 'generate' if config.input.device_augment else 'generate + random resized crop + flip'
+        print(f'stage-1 pipeline ({host}, batch {config.batch_size}, {w} worker processes): {rates[w]:.0f} '
+              'images/s')
     print(f'machine: {_machine()}')
     return rates
 
@@ -196,9 +197,9 @@ def _rate(fn, items) -> float:
 def _pipeline_rate(source, config, workers: int, batches: int = 40) -> float:
     from sce_mae_jax.data import pipeline
     batch = config.batch_size
+    from sce_mae_jax.train import pretrain
     it = pipeline.train_iterator(source, global_batch=batch, seed=0, num_workers=workers,
-                                 transform=pipeline.pretrain_augment(config.model.image_size,
-                                                                     config.input.crop_scale, config.input.flip))
+                                 transform=pretrain.host_transform(config))
     next(it)
     t0 = time.perf_counter()
     for _ in range(batches):  # long enough that batches prefetched before the clock starts count little
@@ -248,7 +249,11 @@ def bench_input(config, data_dir: str, n: int, workers: Sequence[int], target: f
     print(f'input stages, one thread: {_machine()}, {len(stored)} prepared {name}/{split} records in {data_dir}')
     for what, rate in rates.items():
         print(f'  {what}: {rate:,.0f} images/s ({1e3 / rate:.3f} ms/image)')
-    augment = [k for k in rates if k.startswith(('random resized', 'flip', 'batch'))]
+    # with input.device_augment the crop and flip run in the step: the host reads, decodes and batches
+    on_host = ('batch',) if config.input.device_augment else ('random resized', 'flip', 'batch')
+    augment = [k for k in rates if k.startswith(on_host)]
+    print(f'  host stages (input.device_augment={config.input.device_augment}): read + decode, '
+          f'{", ".join(k.split(" (")[0] for k in augment)}')
     per_image = {'rendered': 1 / rates['render (synthetic face, 136 px)'],
                  'prepared': 1 / rates['read + decode (record → uint8 136 px)']}
     for src_name in per_image:

@@ -88,20 +88,22 @@ def test_stage2_none_is_the_centre_crop():
     np.testing.assert_array_equal(out, want)
 
 
-DEVICE_AUGMENT = {**TINY_FIELDS, 'batch_size': 8, 'figure_every': 2, 'input.device_augment': True,
-                  'log_every': 1, 'checkpoint_every': 2}
+TINY_RUN = {**TINY_FIELDS, 'batch_size': 8, 'figure_every': 2, 'log_every': 1, 'checkpoint_every': 2}
 
 
-def test_stage1_with_device_augment_resumes_to_the_same_losses(tmp_path, monkeypatch):
+@pytest.mark.parametrize('on_device', [True, False])
+def test_stage1_resumes_to_the_same_losses_with_the_crops_on_either_side(tmp_path, monkeypatch, on_device):
     """A run stopped after step 2 (as by a preemption: final checkpoint, then out) and rerun gives the straight
-    run's losses: the crops and flips come from the checkpointed (rng, step)."""
+    run's losses: on the devices (the default) the crops and flips come from the checkpointed (rng, step), on
+    the host from the checkpointed data iterator."""
     from sce_mae_jax.train import common
-    train_here('pretrain', tmp_path / 'straight', {**DEVICE_AUGMENT, 'total_steps': 4})
+    fields = {**TINY_RUN, 'input.device_augment': on_device, 'total_steps': 4}
+    train_here('pretrain', tmp_path / 'straight', fields)
     monkeypatch.setattr(common, '_stopped_by', [])
     with monkeypatch.context() as m:
         m.setattr(common.PreemptionGuard, 'should_stop', lambda self, mngr, step: step == 2)
-        assert train_here('pretrain', tmp_path / 'resumed', {**DEVICE_AUGMENT, 'total_steps': 4})['step'] == 2
-    train_here('pretrain', tmp_path / 'resumed', {**DEVICE_AUGMENT, 'total_steps': 4})
+        assert train_here('pretrain', tmp_path / 'resumed', fields)['step'] == 2
+    train_here('pretrain', tmp_path / 'resumed', fields)
     straight, resumed = losses(tmp_path / 'straight'), losses(tmp_path / 'resumed')
     assert sorted(straight) == [1, 2, 3, 4] and straight == resumed
     assert (tmp_path / 'straight' / 'figures' / 'recon_0000002.png').exists()  # the figure crops the batch
