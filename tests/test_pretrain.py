@@ -15,15 +15,16 @@ from conftest import REPO, TINY_PRETRAIN, cpu_env, losses, run_main
 
 
 def test_loss_falls(tmp_path, tiny_pretrain_args):
-    run_main([*tiny_pretrain_args, f'--workdir={tmp_path}', '--config.total_steps=120',
-              '--config.batch_size=16', '--config.figure_every=60'])
+    # 80 steps: the fall over seeds 0-2 was 0.079-0.085 (docs/benchmarks.md, the test suite, 2026-12-03)
+    run_main([*tiny_pretrain_args, f'--workdir={tmp_path}', '--config.total_steps=80',
+              '--config.batch_size=16', '--config.figure_every=40'])
     loss = losses(tmp_path)
-    assert len(loss) == 120
-    first, last = np.mean([loss[s] for s in range(1, 11)]), np.mean([loss[s] for s in range(111, 121)])
+    assert len(loss) == 80
+    first, last = np.mean([loss[s] for s in range(1, 11)]), np.mean([loss[s] for s in range(71, 81)])
     assert last < first - 0.05, (first, last)
     # the workdir layout later stages and users rely on
     assert os.path.exists(tmp_path / 'config.json')
-    assert sorted(os.listdir(tmp_path / 'figures')) == ['recon_0000060.png', 'recon_0000120.png']
+    assert sorted(os.listdir(tmp_path / 'figures')) == ['recon_0000040.png', 'recon_0000080.png']
     assert any(f.startswith('events.out.tfevents') for f in os.listdir(tmp_path / 'tb'))
     rec = json.loads(open(tmp_path / 'metrics.jsonl').readline())
     assert {'step', 'loss', 'lr', 'grad_norm', 'images_per_s', 'images_per_s_per_device', 'eta_hours',
