@@ -13,8 +13,9 @@ The quick start's layout (configs/quickstart.py) with a larger model and the pap
    and 100 faces x 3 seeds, 50 steps each) for mae and sce_mae, into WORKDIR/results.json,
    WORKDIR/report.md and WORKDIR/figures/.
 On `synthetic_wild` by default (`:data=synthetic` for the aligned faces; `:study=table4|projector` as the quick
-start). docs/results.md has the numbers it made on the aligned faces (2026-12-01); it has not been run on
-`synthetic_wild` yet. Rerunning resumes; finished parts are not redone.
+start). docs/results.md has the numbers it made on the aligned faces (2026-12-01) and its stage 1, stage 2 and
+matching on `synthetic_wild` (2026-12-03: `mae` level with `positions` at ~17 px different-identity, stage 2
+0.7 px worse; the detection and limited parts not run yet). Rerunning resumes; finished parts are not redone.
 """
 import ml_collections
 
