@@ -109,7 +109,7 @@ def build_step(config):
     common.check_batch_size(config.batch_size)
     size = config.model.image_size
     side = size
-    if config.input.get('device_augment', False):  # the step crops the images as read
+    if config.input.device_augment:  # the step crops the images as read
         from sce_mae_jax.data import preprocess
         side = preprocess.OUT_SIZE
     images = np.random.default_rng(0).integers(0, 256, (config.batch_size, side, side, 3), dtype=np.uint8)

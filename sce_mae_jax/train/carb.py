@@ -201,7 +201,7 @@ def init_state(projector, tx, seed: int, num_tokens: int, width: int):
 
 def device_augment(config):
     """`fn(key, images)` of `input.device_augment` (crop, CL's jitter and flip in the step), else None."""
-    if not config.input.get('device_augment', False):
+    if not config.input.device_augment:
         return None
     return functools.partial(device_augment_lib.stage2, size=config.model.image_size,
                              augment=config.input.get('augment', 'none'), flip=config.input.flip)
@@ -209,7 +209,7 @@ def device_augment(config):
 
 def host_transform(config):
     """The input pipeline's per-example transform: all of stage 2's input, or none of it with device_augment."""
-    if config.input.get('device_augment', False):
+    if config.input.device_augment:
         return pipeline.raw_images()
     return pipeline.stage2_augment(config.model.image_size, config.input.get('augment', 'none'), config.input.flip)
 

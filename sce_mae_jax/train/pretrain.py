@@ -56,7 +56,7 @@ def init_state(model, tx, seed: int):
 
 def device_augment(config):
     """`fn(key, images)` of `input.device_augment` (the crop, resize and flip in the step), else None."""
-    if not config.input.get('device_augment', False):
+    if not config.input.device_augment:
         return None
     return functools.partial(device_augment_lib.pretrain, size=config.model.image_size,
                              scale=tuple(config.input.crop_scale), flip=config.input.flip)
@@ -65,7 +65,7 @@ def device_augment(config):
 def host_transform(config):
     """The per-example transform of the input pipeline: the whole augmentation, or none of it when the step
     augments on the devices."""
-    if config.input.get('device_augment', False):
+    if config.input.device_augment:
         return pipeline.raw_images()
     return pipeline.pretrain_augment(config.model.image_size, config.input.crop_scale, config.input.flip)
 
