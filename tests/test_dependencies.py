@@ -12,7 +12,8 @@ from conftest import REPO
 tomllib = pytest.importorskip('tomllib')
 
 IMPORT_NAME = {'orbax-checkpoint': 'orbax', 'tensorflow-datasets': 'tensorflow_datasets', 'ml-collections':
-               'ml_collections', 'absl-py': 'absl', 'pillow': 'PIL', 'scikit-learn': 'sklearn'}
+               'ml_collections', 'absl-py': 'absl', 'pillow': 'PIL', 'scikit-learn': 'sklearn',
+               'array-record': 'array_record'}
 FIRST_PARTY = {'sce_mae_jax'}
 
 

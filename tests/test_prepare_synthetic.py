@@ -31,6 +31,32 @@ def test_prepared_faces_are_the_rendered_ones(data_dir):
         src[N]
 
 
+def test_shards_are_stored_uncompressed_and_a_compressed_one_reads_the_same(data_dir):
+    from array_record.python import array_record_module as ar
+    builder = sources.prepare_synthetic('synthetic', data_dir=data_dir, seed=3, num_examples=N)
+    shards = sorted(builder.data_path.glob('*.array_record-*'))
+    assert shards and all('uncompressed' in ar.ArrayRecordReader(str(p)).writer_options_string() for p in shards)
+    before = [sources.get_source('synthetic', 'pretrain', data_dir=data_dir, seed=3)[i]['image'] for i in range(N)]
+    # a shard as TFDS writes it (zstd), from a dataset prepared before the rewrite: read as it is, then rewritten
+    shard = next(p for p in shards if 'pretrain' in p.name)
+    reader = ar.ArrayRecordReader(str(shard))
+    records = reader.read(list(range(reader.num_records())))
+    writer = ar.ArrayRecordWriter(str(shard), 'group_size:1')
+    for r in records:
+        writer.write(r)
+    writer.close()
+    assert 'zstd' in ar.ArrayRecordReader(str(shard)).writer_options_string()
+    src = sources.get_source('synthetic', 'pretrain', data_dir=data_dir, seed=3)
+    for i in range(N):
+        np.testing.assert_array_equal(src[i]['image'], before[i])
+    sources.store_uncompressed(builder)
+    assert 'uncompressed' in ar.ArrayRecordReader(str(shard)).writer_options_string()
+    assert not list(builder.data_path.glob('*.tmp'))
+    src = sources.get_source('synthetic', 'pretrain', data_dir=data_dir, seed=3)
+    for i in range(N):
+        np.testing.assert_array_equal(src[i]['image'], before[i])
+
+
 def test_other_seeds_and_no_data_dir_are_rendered(data_dir):
     assert type(sources.get_source('synthetic', 'match', data_dir=data_dir, seed=0)) is SyntheticFaces
     assert type(sources.get_source('synthetic_plain', 'match', data_dir=data_dir, seed=3)) is SyntheticFaces

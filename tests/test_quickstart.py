@@ -11,7 +11,7 @@ ROWS = ['mae', 'pixels', 'positions', 'random_init', 'random_init_carb', 'sce_ma
 def test_quickstart_pipeline_runs_both_stages_and_the_evaluations(tmp_path):
     wd = tmp_path / 'qs'
     args = ['--config=configs/quickstart.py', f'--workdir={wd}', '--config.stage1.total_steps=4',
-            '--config.stage1.batch_size=8', '--config.stage1.model.depth=2', '--config.stage1.model.embed_dim=48',
+            '--config.stage1.batch_size=8', '--config.stage1.model.depth=3', '--config.stage1.model.embed_dim=48',
             '--config.stage1.model.num_heads=2', '--config.stage1.model.decoder_embed_dim=32',
             '--config.stage1.model.decoder_num_heads=2', '--config.stage2.total_steps=3',
             '--config.stage2.batch_size=8', '--config.stage1.figure_every=0', '--config.stage2.figure_every=3',
@@ -30,7 +30,7 @@ def test_quickstart_pipeline_runs_both_stages_and_the_evaluations(tmp_path):
     assert sorted(losses(wd / 'stage2')) == [3] and sorted(losses(wd / 'stage2_seed1')) == [3]
     assert json.load(open(wd / 'stage2_seed1' / 'config.json'))['seed'] == 1
     stage2 = json.load(open(wd / 'stage2' / 'config.json'))
-    assert (stage2['model']['depth'], stage2['model']['embed_dim'], stage2['model']['num_heads']) == (2, 48, 2) and stage2['init_from'] == str(wd / 'stage1')
+    assert (stage2['model']['depth'], stage2['model']['embed_dim'], stage2['model']['num_heads']) == (3, 48, 2) and stage2['init_from'] == str(wd / 'stage1')
     assert json.load(open(wd / 'stage2_random_init' / 'config.json'))['init_from'] == 'random_init'
     assert os.path.exists(wd / 'stage2' / 'figures' / 'clusters_0000003.png')
     results = json.load(open(wd / 'results.json'))
