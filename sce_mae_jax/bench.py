@@ -50,6 +50,8 @@ def define_flags(flag_values: flags.FlagValues, sys_argv: Sequence[str] | None =
     flags.DEFINE_integer('input_images', 300, 'With --mode=input: images timed per stage.', **fv)
     flags.DEFINE_list('input_workers', ['0', '2'], 'With --mode=input or --mode=data: grain worker processes of '
                       'the end-to-end pipeline runs.', **fv)
+    flags.DEFINE_list('input_threads', ['8'], "With --mode=input: grain's read threads (per worker process, or "
+                      'in this process with 0 workers) of the end-to-end runs.', **fv)
     flags.DEFINE_float('input_target', 5763.0, 'With --mode=input: the step rate (images/s) the input must feed; '
                        "the default is the issue's H100 DeiT-S bf16 batch-512 step.", **fv)
     flags.DEFINE_list('strides', ['8', '4', '2'], 'With --mode=features: the cover-and-stride strides to time.',
@@ -194,20 +196,27 @@ def _rate(fn, items) -> float:
     return len(items) / (time.perf_counter() - t0)
 
 
-def _pipeline_rate(source, config, workers: int, batches: int = 40) -> float:
+def _pipeline_rate(source, config, workers: int, batches: int = 40, threads: int = 8,
+                   seconds: float = 3.0) -> float:
+    """images/s of the stage-1 grain pipeline over at least `batches` batches and `seconds`, after 3 untimed
+    batches (worker start-up). At ~10 ms a batch, 40 batches alone took under half a second, in which the
+    batches prefetched before the clock started still counted."""
     from sce_mae_jax.data import pipeline
     batch = config.batch_size
     from sce_mae_jax.train import pretrain
-    it = pipeline.train_iterator(source, global_batch=batch, seed=0, num_workers=workers,
+    it = pipeline.train_iterator(source, global_batch=batch, seed=0, num_workers=workers, num_threads=threads,
                                  transform=pretrain.host_transform(config))
-    next(it)
-    t0 = time.perf_counter()
-    for _ in range(batches):  # long enough that batches prefetched before the clock starts count little
+    for _ in range(3):
         next(it)
-    return batches * batch / (time.perf_counter() - t0)
+    n, t0 = 0, time.perf_counter()
+    while n < batches or time.perf_counter() - t0 < seconds:
+        next(it)
+        n += 1
+    return n * batch / (time.perf_counter() - t0)
 
 
-def bench_input(config, data_dir: str, n: int, workers: Sequence[int], target: float) -> dict:
+def bench_input(config, data_dir: str, n: int, workers: Sequence[int], target: float,
+                threads: Sequence[int] = (8,)) -> dict:
     """Per-core images/s of each stage of the stage-1 input, one thread in this process, then the grain pipeline
     end to end. The prepared array_record set is `config.data`/`config.split` in `data_dir`; without one,
     `n` synthetic faces are prepared into a temporary folder (`prepare --dataset=synthetic`). The end-to-end runs
@@ -263,8 +272,10 @@ def bench_input(config, data_dir: str, n: int, workers: Sequence[int], target: f
               f'{1 / per_image[src_name]:,.0f} images/s per core; '
               f'{target:,.0f} images/s needs {target * per_image[src_name]:.1f} cores')
     for w in workers:
-        for src_name, src in (('rendered', rendered), ('prepared', stored)):
-            print(f'  grain pipeline, {src_name}, {w} worker processes: {_pipeline_rate(src, config, w):,.0f} images/s')
+        for t in threads:
+            for src_name, src in (('rendered', rendered), ('prepared', stored)):
+                rates[f'grain, {src_name}, {w} workers, {t} threads'] = r = _pipeline_rate(src, config, w, threads=t)
+                print(f'  grain pipeline, {src_name}, {w} worker processes, {t} read threads: {r:,.0f} images/s')
     if tmp:
         import shutil
         shutil.rmtree(tmp, ignore_errors=True)
@@ -376,7 +387,8 @@ def dispatch(fv: flags.FlagValues):
     if fv.mode == 'data':
         return bench_data(config, workers)
     if fv.mode == 'input':
-        return bench_input(config, fv.input_data_dir, fv.input_images, workers, fv.input_target)
+        return bench_input(config, fv.input_data_dir, fv.input_images, workers, fv.input_target,
+                           [int(t) for t in fv.input_threads])
     if fv.mode == 'loss':
         return bench_loss(config)
     if fv.mode == 'matmul':

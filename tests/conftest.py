@@ -39,28 +39,21 @@ def pytest_xdist_auto_num_workers(config):
 
 
 
-# The longest tests by the CI logs' --durations (each 30-100 s on CI's 2 cores), started first: collected in file
-# order, the quick-start test came last and ran alone for its last minute and a half while the other workers
-# had finished (2026-12-03, an 11-minute run). Longest first, the rest fills in around them.
-LONGEST_FIRST = (
-    'test_eval_matching.py::test_rows_report_figures_and_stored_rerun',
-    'test_quickstart.py::test_quickstart_pipeline_runs_both_stages_and_the_evaluations',
-    'test_cloud_workdir.py::test_stage1_stage2_and_matching_in_a_bucket',
-    'test_eval_matching.py::test_same_numbers_on_one_and_eight_devices_and_two_processes',
-    'test_detection.py::test_detection_job_writes_every_row_and_set',
-    'test_pretrain.py::test_two_processes_match_one_process',
-    'test_pretrain.py::test_interrupted_run_resumes_to_identical_losses',
-    'test_train_carb.py::test_eight_devices_match_one',
-    'test_detection.py::test_limited_job_reports_mean_and_std_over_seeds',
-    'test_pretrain.py::test_loss_falls',
-)
+# The suite runs a file per worker (pyproject.toml: --dist=loadfile) in this order, heaviest first, so that no
+# heavy file starts last and runs alone at the end. By the CPU-seconds each file took in a whole run
+# (2026-12-03, docs/benchmarks.md); xdist's own order (files with the most tests first) had started the
+# quick-start test last, alone for its last two minutes. Files not listed follow in their usual order.
+HEAVIEST_FIRST = ('test_pretrain.py', 'test_eval_matching.py', 'test_train_carb.py', 'test_detection.py',
+                  'test_quickstart.py', 'test_bench.py', 'test_cloud_workdir.py', 'test_device_augment.py',
+                  'test_run_safety.py', 'test_predict.py', 'test_carb.py', 'test_models.py', 'test_fused.py',
+                  'test_monitor.py')
 
 
 def pytest_collection_modifyitems(items):
     def rank(item):
-        name = item.nodeid.split('/')[-1].split('[')[0]
-        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
-    items.sort(key=rank)  # stable: every other test keeps its order
+        name = os.path.basename(item.nodeid.split('::')[0])
+        return HEAVIEST_FIRST.index(name) if name in HEAVIEST_FIRST else len(HEAVIEST_FIRST)
+    items.sort(key=rank)  # stable: a file's tests keep their order
 
 
 # A model small enough for CI's 2 cores; same code paths as DeiT-S.
