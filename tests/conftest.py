@@ -38,24 +38,6 @@ def pytest_xdist_auto_num_workers(config):
     return len(os.sched_getaffinity(0)) + 1 if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1) + 1
 
 
-
-# The suite runs a file per worker (pyproject.toml: --dist=loadfile) in this order, heaviest first, so that no
-# heavy file starts last and runs alone at the end. By the CPU-seconds each file took in a whole run
-# (2026-12-03, docs/benchmarks.md); xdist's own order (files with the most tests first) had started the
-# quick-start test last, alone for its last two minutes. Files not listed follow in their usual order.
-HEAVIEST_FIRST = ('test_pretrain.py', 'test_eval_matching.py', 'test_train_carb.py', 'test_detection.py',
-                  'test_quickstart.py', 'test_bench.py', 'test_cloud_workdir.py', 'test_device_augment.py',
-                  'test_run_safety.py', 'test_predict.py', 'test_carb.py', 'test_models.py', 'test_fused.py',
-                  'test_monitor.py')
-
-
-def pytest_collection_modifyitems(items):
-    def rank(item):
-        name = os.path.basename(item.nodeid.split('::')[0])
-        return HEAVIEST_FIRST.index(name) if name in HEAVIEST_FIRST else len(HEAVIEST_FIRST)
-    items.sort(key=rank)  # stable: a file's tests keep their order
-
-
 # A model small enough for CI's 2 cores; same code paths as DeiT-S.
 TINY_MODEL = ['--config.model.embed_dim=48', '--config.model.depth=2', '--config.model.num_heads=2',
               '--config.model.decoder_embed_dim=32', '--config.model.decoder_depth=1',
