@@ -50,8 +50,9 @@ def define_flags(flag_values: flags.FlagValues, sys_argv: Sequence[str] | None =
     flags.DEFINE_integer('input_images', 300, 'With --mode=input: images timed per stage.', **fv)
     flags.DEFINE_list('input_workers', ['0', '2'], 'With --mode=input or --mode=data: grain worker processes of '
                       'the end-to-end pipeline runs.', **fv)
-    flags.DEFINE_list('input_threads', ['8'], "With --mode=input: grain's read threads (per worker process, or "
-                      'in this process with 0 workers) of the end-to-end runs.', **fv)
+    flags.DEFINE_list('input_threads', [], "With --mode=input: grain's read threads (per worker process, or "
+                      "in this process with 0 workers) of the end-to-end runs; default the config's "
+                      'input.read_threads.', **fv)
     flags.DEFINE_float('input_target', 5763.0, 'With --mode=input: the step rate (images/s) the input must feed; '
                        "the default is the issue's H100 DeiT-S bf16 batch-512 step.", **fv)
     flags.DEFINE_list('strides', ['8', '4', '2'], 'With --mode=features: the cover-and-stride strides to time.',
@@ -196,7 +197,7 @@ def _rate(fn, items) -> float:
     return len(items) / (time.perf_counter() - t0)
 
 
-def _pipeline_rate(source, config, workers: int, batches: int = 40, threads: int = 8,
+def _pipeline_rate(source, config, workers: int, batches: int = 40, threads: int | None = None,
                    seconds: float = 3.0) -> float:
     """images/s of the stage-1 grain pipeline over at least `batches` batches and `seconds`, after 3 untimed
     batches (worker start-up). At ~10 ms a batch, 40 batches alone took under half a second, in which the
@@ -204,6 +205,7 @@ def _pipeline_rate(source, config, workers: int, batches: int = 40, threads: int
     from sce_mae_jax.data import pipeline
     batch = config.batch_size
     from sce_mae_jax.train import pretrain
+    threads = config.input.read_threads if threads is None else threads
     it = pipeline.train_iterator(source, global_batch=batch, seed=0, num_workers=workers, num_threads=threads,
                                  transform=pretrain.host_transform(config))
     for _ in range(3):
@@ -216,7 +218,7 @@ def _pipeline_rate(source, config, workers: int, batches: int = 40, threads: int
 
 
 def bench_input(config, data_dir: str, n: int, workers: Sequence[int], target: float,
-                threads: Sequence[int] = (8,)) -> dict:
+                threads: Sequence[int] = ()) -> dict:
     """Per-core images/s of each stage of the stage-1 input, one thread in this process, then the grain pipeline
     end to end. The prepared array_record set is `config.data`/`config.split` in `data_dir`; without one,
     `n` synthetic faces are prepared into a temporary folder (`prepare --dataset=synthetic`). The end-to-end runs
@@ -272,7 +274,7 @@ def bench_input(config, data_dir: str, n: int, workers: Sequence[int], target: f
               f'{1 / per_image[src_name]:,.0f} images/s per core; '
               f'{target:,.0f} images/s needs {target * per_image[src_name]:.1f} cores')
     for w in workers:
-        for t in threads:
+        for t in threads or [config.input.read_threads]:
             for src_name, src in (('rendered', rendered), ('prepared', stored)):
                 rates[f'grain, {src_name}, {w} workers, {t} threads'] = r = _pipeline_rate(src, config, w, threads=t)
                 print(f'  grain pipeline, {src_name}, {w} worker processes, {t} read threads: {r:,.0f} images/s')

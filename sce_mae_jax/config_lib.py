@@ -81,9 +81,10 @@ def mae(size: str, arg: str | None) -> ml_collections.ConfigDict:
                    # and jax.nn.dot_product_attention, the same values
                    fused_ops=True)
     # random resized crop scale range and horizontal flip; workers: grain worker processes (0: threads in-process);
+    # read_threads: grain's read threads per worker (more only for shards on remote storage);
     # device_augment: crop, resize and flip inside the jitted step, so the host only reads and batches
     # (data/device_augment.py; the same crops, loss curve and step time as on the host: docs/benchmarks.md)
-    c.input = dict(crop_scale=(0.2, 1.0), flip=True, workers=0, device_augment=True)
+    c.input = dict(crop_scale=(0.2, 1.0), flip=True, workers=0, read_threads=1, device_augment=True)
     return c
 
 
@@ -182,6 +183,7 @@ def carb(size: str, arg: str | None, *, dim: int, eta: float) -> ml_collections.
         augment='none',      # 'none': the centre crop; 'cl': CL's random resized crop + colour jitter (data/pipeline.py)
         flip=False,          # horizontal flip
         workers=0,           # grain worker processes (0: threads in-process)
+        read_threads=1,      # grain's read threads per worker (more only for shards on remote storage)
         device_augment=False,  # crop, jitter and flip inside the jitted step, not on the host (data/device_augment.py)
     )
     for key, value in ABLATIONS[a.ablation].items():

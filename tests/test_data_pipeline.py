@@ -33,6 +33,18 @@ def test_global_batch_is_the_same_for_any_process_count():
     assert sorted(flat[:40]) == list(range(40)) and flat[:40] != flat[40:80]
 
 
+def test_each_epoch_is_a_permutation_of_the_seed_and_epoch_alone():
+    src = _source()
+    first = pipeline._ShuffledEpochs(src, seed=3)
+    again = pipeline._ShuffledEpochs(src, seed=3)
+    ids = [first[k]['id'] for k in range(120)]
+    assert [again[k]['id'] for k in (119, 5, 80, 41)] == [ids[119], ids[5], ids[80], ids[41]]  # any access order
+    epochs = [ids[e * 40:(e + 1) * 40] for e in range(3)]
+    assert all(sorted(e) == list(range(40)) for e in epochs) and len({tuple(e) for e in epochs}) == 3
+    other = [pipeline._ShuffledEpochs(src, seed=4)[k]['id'] for k in range(40)]
+    assert other != epochs[0] and sorted(other) == list(range(40))
+
+
 def test_iterator_state_resumes_on_the_next_batch():
     it = _iterator(_source())
     _ids(it, 3)

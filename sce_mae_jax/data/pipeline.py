@@ -2,7 +2,7 @@
 
 Every source yields 136-px uint8 images (see `sources.py`); pipelines emit uint8 (batch, 96, 96, 3) so the
 host→device copy is a quarter of float32, and the jitted step normalises with `normalize`. With
-`input.device_augment` the training pipelines emit the 136-px images as read (`raw_images`) and the step
+`input.device_augment` the training pipelines emit the 136-px images as read (`image_only`) and the step
 crops, resizes and flips them on the devices (data/device_augment.py).
 """
 from __future__ import annotations
@@ -68,12 +68,9 @@ def random_resized_crop(image: np.ndarray, size: int, rng: np.random.Generator,
     return np.asarray(Image.fromarray(image).resize((size, size), Image.BICUBIC, box=box))
 
 
-def raw_images() -> Callable:
-    """The training transform with `input.device_augment`: the image as read (136 px), nothing else on the host."""
-    def fn(example, rng: np.random.Generator):
-        del rng
-        return {'image': example['image']}
-    return fn
+def image_only(example):
+    """The host's whole transform with `input.device_augment`: the image as read (136 px)."""
+    return {'image': example['image']}
 
 
 def pretrain_augment(size: int, scale=(0.2, 1.0), flip: bool = True) -> Callable:
@@ -132,6 +129,31 @@ def eval_transform(size: int) -> Callable:
     return fn
 
 
+class _ShuffledEpochs:
+    """`source` repeated without end, each epoch in its own order: a permutation drawn from (seed, epoch), so
+    the order is a function of the global position alone (resume, any process count). grain's `shuffle()`
+    computes its permutation index by index, 0.07 ms each (docs/benchmarks.md, input pipeline): as much as
+    reading and decoding the record; a whole permutation per epoch costs ~1 ms per 100,000 examples."""
+
+    def __init__(self, source, seed: int):
+        self.source, self.seed, self.n = source, seed, len(source)
+        self._epoch = (-1, None)
+
+    def __len__(self):
+        return self.n * 1_000_000  # epochs enough for any run; grain needs a length
+
+    def order(self, epoch: int) -> np.ndarray:
+        cached, perm = self._epoch  # one tuple, swapped whole: safe under grain's read threads
+        if cached != epoch:
+            perm = np.random.default_rng([self.seed, epoch]).permutation(self.n)
+            self._epoch = (epoch, perm)
+        return perm
+
+    def __getitem__(self, k):
+        k = int(k)
+        return self.source[int(self.order(k // self.n)[k % self.n])]
+
+
 class _ProcessSlice:
     """This process's view of a global example stream: rows [offset, offset + local) of every global batch.
 
@@ -150,11 +172,16 @@ class _ProcessSlice:
         return self.ds[(k // self.local_batch) * self.global_batch + self.offset + k % self.local_batch]
 
 
-def train_iterator(source, *, global_batch: int, seed: int, transform: Callable, random: bool = True,
-                   num_workers: int = 0, num_threads: int = 8):
+def train_iterator(source, *, global_batch: int, seed: int, transform: Callable | None, random: bool = True,
+                   num_workers: int = 0, num_threads: int = 1):
     """Infinite, epoch-shuffled iterator of this process's slice of each global batch, with
     `get_state`/`set_state` (checkpointed with orbax). `transform` is `fn(example, rng)` when `random` else
-    `fn(example)`; its rng depends on (seed, global position) only.
+    `fn(example)`; its rng depends on (seed, global position) only. None: the image as read, without the
+    per-example generator a random transform costs.
+
+    `num_threads` read threads in each worker process (in this process without workers): on page-cached
+    shards one thread was fastest, 3,881 ± 210 images/s against 2,854 ± 163 with 8, and equal with 2 workers
+    (docs/benchmarks.md, input pipeline); more help only where each read waits on remote storage.
     """
     pc, pi = jax.process_count(), jax.process_index()
     if global_batch % pc:
@@ -163,8 +190,11 @@ def train_iterator(source, *, global_batch: int, seed: int, transform: Callable,
         raise ValueError(f'the dataset has {len(source)} examples, fewer than one batch ({global_batch}); '
                          'lower --config.batch_size or use a bigger split')
     local_batch = global_batch // pc
-    ds = grain.MapDataset.source(source).seed(seed).shuffle().repeat()
-    ds = ds.random_map(transform) if random else ds.map(transform)
+    ds = grain.MapDataset.source(_ShuffledEpochs(source, seed)).seed(seed)
+    if transform is None:
+        ds = ds.map(image_only)
+    else:
+        ds = ds.random_map(transform) if random else ds.map(transform)
     ds = grain.MapDataset.source(_ProcessSlice(ds, global_batch, local_batch, pi * local_batch))
     ds = ds.batch(local_batch, drop_remainder=True)
     it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=2 * num_threads))

@@ -210,7 +210,7 @@ def device_augment(config):
 def host_transform(config):
     """The input pipeline's per-example transform: all of stage 2's input, or none of it with device_augment."""
     if config.input.device_augment:
-        return pipeline.raw_images()
+        return None  # the image as read
     return pipeline.stage2_augment(config.model.image_size, config.input.get('augment', 'none'), config.input.flip)
 
 
@@ -274,7 +274,8 @@ def train(config, workdir: str) -> dict:
                         data_dir=config.data_dir or None, seed=config.data_seed)
     size = config.model.image_size
     it = pipeline.train_iterator(source, global_batch=config.batch_size, seed=config.seed,
-                                 transform=host_transform(config), num_workers=config.input.workers)
+                                 transform=host_transform(config), num_workers=config.input.workers,
+                                 num_threads=config.input.read_threads)
 
     encoder = encoder_from_model_config(config.model)
     expected = jax.eval_shape(encoder.init, jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3)))['params']

@@ -66,7 +66,7 @@ def host_transform(config):
     """The per-example transform of the input pipeline: the whole augmentation, or none of it when the step
     augments on the devices."""
     if config.input.device_augment:
-        return pipeline.raw_images()
+        return None  # the image as read
     return pipeline.pretrain_augment(config.model.image_size, config.input.crop_scale, config.input.flip)
 
 
@@ -120,7 +120,8 @@ def train(config, workdir: str) -> dict:
     source = get_source(config.data, config.get('split', 'pretrain'), manual_dir=config.manual_dir or None,
                         data_dir=config.data_dir or None, seed=config.data_seed)
     it = pipeline.train_iterator(source, global_batch=config.batch_size, seed=config.seed,
-                                 transform=host_transform(config), num_workers=config.input.workers)
+                                 transform=host_transform(config), num_workers=config.input.workers,
+                                 num_threads=config.input.read_threads)
 
     model, tx, total_steps, state, state_sh, step_fn = state_and_step(config, mesh, len(source))
     logging.info('model: %s parameters (encoder %s)', f'{common.tree_size(state["params"]):,}',
