@@ -5,7 +5,8 @@
 
 Datasets: celeba, mafl, aflw_m, aflw_r, aflw_rc, 300w (manual_dir layouts in docs/datasets.md), and synthetic,
 synthetic_plain, synthetic_wild: the generator's faces rendered once, which training then reads from --config.data_dir instead
-of rendering them every step (needs no manual_dir; --seed is --config.data_seed).
+of rendering them every step (needs no manual_dir; --seed is --config.data_seed). Run on a dataset prepared
+already, it only rewrites shards that are still compressed (faster reads; the same records).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     except sources.DatasetError as e:
         print(f'error: {e}', file=sys.stderr)
         return 1
+    sources.store_uncompressed(builder)  # also a dataset prepared before shards were stored uncompressed
     sizes = {split: info.num_examples for split, info in builder.info.splits.items()}
     print(f'{args.dataset}: prepared in {builder.data_dir}: {sizes}')
     return 0

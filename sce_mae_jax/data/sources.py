@@ -196,8 +196,8 @@ def _synthetic_source(split: str, *, seed: int, clutter: bool, placement: str, d
 
 
 # TFDS writes array_record shards zstd-compressed ('group_size:1' with the library's default zstd:3); faces
-# stored as raw pixels shrink by ~15% that way, and every random read pays a decompression: 0.28 against
-# 0.05 ms per 136-px record (docs/benchmarks.md, input pipeline). Prepared shards are rewritten uncompressed.
+# stored as raw pixels shrink by ~15% that way, and every random read pays a decompression: 0.099 against
+# 0.026 ms per 136-px record (docs/benchmarks.md, input pipeline). Prepared shards are rewritten uncompressed.
 # Readers detect the compression per chunk, so shards written either way read the same records.
 UNCOMPRESSED = 'group_size:1,uncompressed'
 
