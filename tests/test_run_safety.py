@@ -144,6 +144,24 @@ def _records(workdir):
     return [json.loads(line)['step'] for line in text.splitlines()]
 
 
+def test_checksums_are_the_same_on_the_host_and_on_the_devices(monkeypatch):
+    """Small states are checksummed with numpy, large ones by a jitted program: one checkpoint format."""
+    k = jax.random.key(3)
+    tree = {'f32': jax.random.normal(k, (7, 5)), 'i32': jnp.arange(10, dtype=jnp.int32), 'empty': jnp.zeros((0, 3)),
+            'bool': jnp.array(True), 'bf16': jax.random.normal(k, (33,)).astype(jnp.bfloat16),
+            'keys': jax.random.split(k, 2), 'raw_key': jax.random.PRNGKey(1), 'u8': jnp.full((5,), 7, jnp.uint8),
+            'nan': jnp.array([1.0, jnp.nan]), 'inf16': jnp.array([jnp.inf], jnp.float16), 'scalar': jnp.float32(2.5)}
+    host = checkpoints.fingerprint(tree)
+    monkeypatch.setattr(checkpoints, 'HOST_FINGERPRINT_BYTES', -1)
+    assert checkpoints.fingerprint(tree) == host
+    assert sorted(host[1]) == ["['inf16']", "['nan']"]
+    tree['f32'] = tree['f32'].at[3, 2].add(1e-6)  # one changed value changes its array's checksum only
+    changed = checkpoints.fingerprint(tree)[0]
+    monkeypatch.undo()
+    assert checkpoints.fingerprint(tree)[0] == changed
+    assert [k for k in host[0] if host[0][k] != changed[k]] == ["['f32']"]
+
+
 @pytest.mark.parametrize('finite', [False, True], ids=['nan_bytes', 'finite_bytes'])
 def test_altered_checkpoint_is_caught_by_verification_and_the_previous_restored(tmp_path, caplog, finite):
     """Bytes changed inside a data file restore without an error; only the checksums and the finiteness check
