@@ -45,6 +45,25 @@ def test_each_epoch_is_a_permutation_of_the_seed_and_epoch_alone():
     assert other != epochs[0] and sorted(other) == list(range(40))
 
 
+def test_images_only_path_reads_the_same_batches_as_the_transform_path():
+    """With the crops on the device the host reads whole batches itself (`_LocalBatches`): the same images,
+    batch for batch, for each process's slice, across a reshuffle, and the same iterator state."""
+    n = 40
+    images = np.random.default_rng(0).integers(0, 256, (n, 4, 4, 3), np.uint8)
+    src = pipeline.ArraySource(image=images, id=np.arange(n))
+    for count, index in ((1, 0), (2, 1)):
+        with mock.patch.object(jax, 'process_count', return_value=count), \
+                mock.patch.object(jax, 'process_index', return_value=index):
+            plain = pipeline.train_iterator(src, global_batch=8, seed=3, transform=None)
+            mapped = pipeline.train_iterator(src, global_batch=8, seed=3, transform=lambda e, r: e)
+        for _ in range(12):
+            a, b = next(plain), next(mapped)
+            assert list(a) == ['image'] and a['image'].shape == (8 // count, 4, 4, 3)
+            np.testing.assert_array_equal(a['image'], b['image'])
+            np.testing.assert_array_equal(a['image'], images[b['id']])
+        assert plain.get_state() == mapped.get_state()
+
+
 def test_iterator_state_resumes_on_the_next_batch():
     it = _iterator(_source())
     _ids(it, 3)

@@ -2,7 +2,7 @@
 
 Every source yields 136-px uint8 images (see `sources.py`); pipelines emit uint8 (batch, 96, 96, 3) so the
 host→device copy is a quarter of float32, and the jitted step normalises with `normalize`. With
-`input.device_augment` the training pipelines emit the 136-px images as read (`image_only`) and the step
+`input.device_augment` the training pipelines emit the 136-px images as read (`_LocalBatches`) and the step
 crops, resizes and flips them on the devices (data/device_augment.py).
 """
 from __future__ import annotations
@@ -66,11 +66,6 @@ def random_resized_crop(image: np.ndarray, size: int, rng: np.random.Generator,
     """`random_crop_box`, resized to size x size, bicubic as in the MAE recipe."""
     box = random_crop_box(image.shape[0], image.shape[1], rng, scale, ratio)
     return np.asarray(Image.fromarray(image).resize((size, size), Image.BICUBIC, box=box))
-
-
-def image_only(example):
-    """The host's whole transform with `input.device_augment`: the image as read (136 px)."""
-    return {'image': example['image']}
 
 
 def pretrain_augment(size: int, scale=(0.2, 1.0), flip: bool = True) -> Callable:
@@ -172,6 +167,26 @@ class _ProcessSlice:
         return self.ds[(k // self.local_batch) * self.global_batch + self.offset + k % self.local_batch]
 
 
+class _LocalBatches:
+    """Batch k of this process: its rows of global batch k of `examples`, images only, read one by one and
+    stacked here. One grain element per batch rather than per image: grain's own bookkeeping per element (its
+    getitem chain, the batching tree_map) cost as much as reading and decoding the image (docs/benchmarks.md,
+    input pipeline; TFDS's own `__getitems__` was slower than the loop). The same batches as `_ProcessSlice` →
+    the image alone → `batch`."""
+
+    def __init__(self, examples: _ShuffledEpochs, global_batch: int, local_batch: int, offset: int):
+        self.examples, self.global_batch, self.local_batch, self.offset = examples, global_batch, local_batch, offset
+
+    def __len__(self):
+        return len(self.examples) // self.global_batch
+
+    def __getitem__(self, k):
+        ex = self.examples
+        positions = int(k) * self.global_batch + self.offset + np.arange(self.local_batch)
+        keys = [int(ex.order(p // ex.n)[p % ex.n]) for p in positions.tolist()]
+        return {'image': np.stack([ex.source[i]['image'] for i in keys])}
+
+
 def train_iterator(source, *, global_batch: int, seed: int, transform: Callable | None, random: bool = True,
                    num_workers: int = 0, num_threads: int = 1):
     """Infinite, epoch-shuffled iterator of this process's slice of each global batch, with
@@ -190,13 +205,14 @@ def train_iterator(source, *, global_batch: int, seed: int, transform: Callable 
         raise ValueError(f'the dataset has {len(source)} examples, fewer than one batch ({global_batch}); '
                          'lower --config.batch_size or use a bigger split')
     local_batch = global_batch // pc
-    ds = grain.MapDataset.source(_ShuffledEpochs(source, seed)).seed(seed)
-    if transform is None:
-        ds = ds.map(image_only)
+    if transform is None:  # the images as read: whole batches as single elements
+        ds = grain.MapDataset.source(_LocalBatches(_ShuffledEpochs(source, seed), global_batch, local_batch,
+                                                   pi * local_batch))
     else:
+        ds = grain.MapDataset.source(_ShuffledEpochs(source, seed)).seed(seed)
         ds = ds.random_map(transform) if random else ds.map(transform)
-    ds = grain.MapDataset.source(_ProcessSlice(ds, global_batch, local_batch, pi * local_batch))
-    ds = ds.batch(local_batch, drop_remainder=True)
+        ds = grain.MapDataset.source(_ProcessSlice(ds, global_batch, local_batch, pi * local_batch))
+        ds = ds.batch(local_batch, drop_remainder=True)
     it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=2 * num_threads))
     if num_workers > 0:
         it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
