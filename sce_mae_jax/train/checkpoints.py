@@ -96,22 +96,21 @@ def _words(x) -> jax.Array:
     return jnp.ravel(jax.lax.bitcast_convert_type(x, unsigned)).astype(jnp.uint32)
 
 
-def _digest(x) -> jax.Array:
-    """A position-dependent 32-bit checksum: each word, salted with its index, goes through murmur3's
-    finaliser and the results are summed mod 2^32 (integer sums do not depend on the reduction order, so any
-    sharding of `x` gives the same value)."""
-    w = _words(x)
-    h = w ^ (jnp.arange(w.size, dtype=jnp.uint32) * jnp.uint32(0x9E3779B9))
-    h = (h ^ (h >> 16)) * jnp.uint32(0x85EBCA6B)
-    h = (h ^ (h >> 13)) * jnp.uint32(0xC2B2AE35)
-    return jnp.sum(h ^ (h >> 16), dtype=jnp.uint32)
+def _digest(words, xp=jnp):
+    """A position-dependent 32-bit checksum of a flat uint32 vector: each word, salted with its index, goes
+    through murmur3's finaliser and the results are summed mod 2^32 (integer sums do not depend on the reduction
+    order, so any sharding gives the same value). `xp` is jax.numpy on the devices, numpy on the host."""
+    h = words ^ (xp.arange(words.size, dtype=xp.uint32) * xp.uint32(0x9E3779B9))
+    h = (h ^ (h >> 16)) * xp.uint32(0x85EBCA6B)
+    h = (h ^ (h >> 13)) * xp.uint32(0xC2B2AE35)
+    return xp.sum(h ^ (h >> 16), dtype=xp.uint32)
 
 
 @jax.jit
 def _digests_and_finite(leaves):
     finite = [jnp.all(jnp.isfinite(x)) if jnp.issubdtype(x.dtype, jnp.inexact) else jnp.bool_(True)
               for x in leaves]
-    return jnp.stack([_digest(x) for x in leaves]), jnp.stack(finite)
+    return jnp.stack([_digest(_words(x)) for x in leaves]), jnp.stack(finite)
 
 
 # A state up to this size is checksummed on the host: a second program to trace and compile cost each process
@@ -126,15 +125,6 @@ def _host_words(x: np.ndarray) -> np.ndarray:
     if x.dtype == np.bool_:
         x = x.astype(np.uint8)
     return x.view({1: np.uint8, 2: np.uint16, 4: np.uint32}[x.dtype.itemsize]).astype(np.uint32)
-
-
-def _host_digest(x: np.ndarray) -> int:
-    """`_digest` in numpy (uint32 arithmetic wraps the same way)."""
-    w = _host_words(x)
-    h = w ^ (np.arange(w.size, dtype=np.uint32) * np.uint32(0x9E3779B9))
-    h = (h ^ (h >> np.uint32(16))) * np.uint32(0x85EBCA6B)
-    h = (h ^ (h >> np.uint32(13))) * np.uint32(0xC2B2AE35)
-    return int(np.sum(h ^ (h >> np.uint32(16)), dtype=np.uint32))
 
 
 def _on_host(leaves) -> list[np.ndarray] | None:
@@ -166,7 +156,7 @@ def fingerprint(tree) -> tuple[dict[str, str], list[str]]:
         return {}, []
     host = _on_host([v for _, v in flat])
     if host is not None:
-        sums = [_host_digest(x) for x in host]
+        sums = [int(_digest(_host_words(x), np)) for x in host]
         finite = [not np.issubdtype(x.dtype, np.inexact) or bool(np.all(np.isfinite(x))) for x in host]
     else:
         sums, finite = _digests_and_finite([v for _, v in flat])
