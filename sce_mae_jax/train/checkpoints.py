@@ -113,9 +113,9 @@ def _digests_and_finite(leaves):
     return jnp.stack([_digest(_words(x)) for x in leaves]), jnp.stack(finite)
 
 
-# A state up to this size is checksummed on the host: a second program to trace and compile cost each process
-# that saves or restores one ~1 s (the whole test suite: ~50 s of XLA compilation), while reading a few MB and
-# hashing them with numpy takes milliseconds. Larger states (any DeiT MAE) stay on the devices.
+# A state up to this size is checksummed on the host: tracing and compiling the checksum program cost every
+# process that saves or restores one ~1 s (the whole test suite: ~50 s of XLA compilation), while reading a few
+# MB and hashing them with numpy takes milliseconds. Larger states (any DeiT MAE's) stay on the devices.
 HOST_FINGERPRINT_BYTES = 32 << 20
 
 
