@@ -181,10 +181,8 @@ class _LocalBatches:
         return len(self.examples) // self.global_batch
 
     def __getitem__(self, k):
-        ex = self.examples
-        positions = int(k) * self.global_batch + self.offset + np.arange(self.local_batch)
-        keys = [int(ex.order(p // ex.n)[p % ex.n]) for p in positions.tolist()]
-        return {'image': np.stack([ex.source[i]['image'] for i in keys])}
+        first = int(k) * self.global_batch + self.offset
+        return {'image': np.stack([self.examples[p]['image'] for p in range(first, first + self.local_batch)])}
 
 
 def train_iterator(source, *, global_batch: int, seed: int, transform: Callable | None, random: bool = True,
