@@ -228,6 +228,7 @@ def bench_input(config, data_dir: str, n: int, workers: Sequence[int], target: f
     from sce_mae_jax.data import pipeline, sources
     from sce_mae_jax.data.synthetic import SyntheticFaces
 
+    pipeline.keep_freed_memory()  # as every training iterator does: the stages are timed under it too
     rng = np.random.default_rng(0)
     size = config.model.image_size
     rendered = SyntheticFaces('pretrain', seed=config.data_seed)
@@ -248,6 +249,12 @@ def bench_input(config, data_dir: str, n: int, workers: Sequence[int], target: f
     if records is not None and hasattr(records, 'data_source'):
         rates['read (array_record, one record)'] = _rate(lambda i: records.data_source[i], order)
     rates['read + decode (record → uint8 136 px)'] = _rate(lambda i: stored[i], order)
+    batch = config.batch_size
+    batched = hasattr(stored, 'read_images') and config.input.device_augment and len(order) >= batch
+    if batched:  # what the training pipeline does with the crops on the device
+        calls = [order[i:i + batch] for i in range(0, len(order) - batch + 1, batch)] * max(1, 2560 // len(order))
+        rates[f'read + decode + batch, {batch} records a call (read_images)'] = batch * _rate(stored.read_images,
+                                                                                             calls)
 
     images = [rendered[i]['image'] for i in range(1, min(n, 64) + 1)]
     crop_rng = np.random.default_rng(1)
@@ -264,12 +271,15 @@ def bench_input(config, data_dir: str, n: int, workers: Sequence[int], target: f
     on_host = ('batch',) if config.input.device_augment else ('random resized', 'flip', 'batch')
     augment = [k for k in rates if k.startswith(on_host)]
     print(f'  host stages (input.device_augment={config.input.device_augment}): read + decode, '
-          f'{", ".join(k.split(" (")[0] for k in augment)}')
+          f'{", ".join(k.split(" (")[0] for k in augment)}'
+          + (f'; from prepared records read_images, {batch} a call' if batched else ''))
     per_image = {'rendered': 1 / rates['render (synthetic face, 136 px)'],
                  'prepared': 1 / rates['read + decode (record → uint8 136 px)']}
     for src_name in per_image:
-        # the pipeline flips half the images
-        per_image[src_name] += sum((0.5 if k.startswith('flip') else 1.0) / rates[k] for k in augment)
+        if src_name == 'prepared' and batched:  # the batched read replaces read + decode and the stack
+            per_image[src_name] = 1 / rates[f'read + decode + batch, {batch} records a call (read_images)']
+        else:  # the pipeline flips half the images
+            per_image[src_name] += sum((0.5 if k.startswith('flip') else 1.0) / rates[k] for k in augment)
         print(f'  {src_name} ({name if src_name == "prepared" else "synthetic"}), all stages: '
               f'{1 / per_image[src_name]:,.0f} images/s per core; '
               f'{target:,.0f} images/s needs {target * per_image[src_name]:.1f} cores')

@@ -294,6 +294,8 @@ def test_sources_are_grain_compatible(trees):
     assert len(s.__getitems__([0, 1])) == 2 and s[-1]['index'] == 1
     # grain worker processes receive the source pickled
     np.testing.assert_array_equal(pickle.loads(pickle.dumps(s))[1]['image'], s[1]['image'])
+    # the training pipeline's batched read of the images alone
+    np.testing.assert_array_equal(s.read_images([1, 0, 1]), np.stack([s[i]['image'] for i in (1, 0, 1)]))
 
 
 def test_prepared_dataset_needs_no_manual_dir(trees):

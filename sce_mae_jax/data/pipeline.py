@@ -7,6 +7,7 @@ crops, resizes and flips them on the devices (data/device_augment.py).
 """
 from __future__ import annotations
 
+import ctypes
 from typing import Callable
 
 import grain
@@ -144,9 +145,13 @@ class _ShuffledEpochs:
             self._epoch = (epoch, perm)
         return perm
 
-    def __getitem__(self, k):
+    def record(self, k) -> int:
+        """The source index at global position k."""
         k = int(k)
-        return self.source[int(self.order(k // self.n)[k % self.n])]
+        return int(self.order(k // self.n)[k % self.n])
+
+    def __getitem__(self, k):
+        return self.source[self.record(k)]
 
 
 class _ProcessSlice:
@@ -168,21 +173,41 @@ class _ProcessSlice:
 
 
 class _LocalBatches:
-    """Batch k of this process: its rows of global batch k of `examples`, images only, read one by one and
-    stacked here. One grain element per batch rather than per image: grain's own bookkeeping per element (its
-    getitem chain, the batching tree_map) cost as much as reading and decoding the image (docs/benchmarks.md,
-    input pipeline; TFDS's own `__getitems__` was slower than the loop). The same batches as `_ProcessSlice` →
-    the image alone → `batch`."""
+    """Batch k of this process: its rows of global batch k of `examples`, images only. One grain element per
+    batch rather than per image: grain's own bookkeeping per element (its getitem chain, the batching tree_map)
+    cost as much as reading and decoding the image (docs/benchmarks.md, input pipeline). A prepared source reads
+    the batch's images in one call (`read_images`: TFDS's decoding of every feature of every record cost more
+    than the read), any other item by item. The same batches as `_ProcessSlice` → the image alone → `batch`."""
 
     def __init__(self, examples: _ShuffledEpochs, global_batch: int, local_batch: int, offset: int):
         self.examples, self.global_batch, self.local_batch, self.offset = examples, global_batch, local_batch, offset
+        self._read_images = getattr(examples.source, 'read_images', None)
 
     def __len__(self):
         return len(self.examples) // self.global_batch
 
     def __getitem__(self, k):
         first = int(k) * self.global_batch + self.offset
-        return {'image': np.stack([self.examples[p]['image'] for p in range(first, first + self.local_batch)])}
+        positions = range(first, first + self.local_batch)
+        if self._read_images is not None:
+            return {'image': self._read_images([self.examples.record(p) for p in positions])}
+        return {'image': np.stack([self.examples[p]['image'] for p in positions])}
+
+
+def keep_freed_memory(*_) -> None:
+    """Lets this process reuse the memory of freed batches. By default glibc returns a freed multi-megabyte
+    block to the kernel (or serves the next one from a fresh mapping), so every batch's pages were faulted in
+    and zeroed again: 1,700 page faults per batch of 64 136-px images, and half the in-process pipeline's rate
+    (docs/benchmarks.md, input pipeline). Above both thresholds (256 MB kept, 64 MB mapped) a batch reuses a
+    freed one. Called for every training iterator, in this process and in grain's workers (the signature of a
+    `worker_init_fn`); a no-op where there is no glibc `mallopt`."""
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
+    mallopt(m_trim_threshold, 256 << 20)
+    mallopt(m_mmap_threshold, 64 << 20)
 
 
 def train_iterator(source, *, global_batch: int, seed: int, transform: Callable | None, random: bool = True,
@@ -212,8 +237,10 @@ def train_iterator(source, *, global_batch: int, seed: int, transform: Callable 
         ds = grain.MapDataset.source(_ProcessSlice(ds, global_batch, local_batch, pi * local_batch))
         ds = ds.batch(local_batch, drop_remainder=True)
     it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=2 * num_threads))
+    keep_freed_memory()
     if num_workers > 0:
-        it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+        it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers),
+                                  worker_init_fn=keep_freed_memory)
     return iter(it_ds)
 
 

@@ -168,6 +168,11 @@ class LandmarkSource:
     def __getitems__(self, record_keys):
         return [self[k] for k in record_keys]
 
+    def read_images(self, record_keys) -> np.ndarray:
+        """uint8 (n, 136, 136, 3): the images alone of these records (`builders.base.read_images`)."""
+        from sce_mae_jax.data.builders import base
+        return base.read_images(self._source, record_keys)
+
     def filename(self, record_key: SupportsIndex) -> str:
         """Image path (relative to the manual_dir) of a record, for tracing results back to files."""
         value = self._source[record_key.__index__()]['filename']

@@ -31,6 +31,23 @@ from sce_mae_jax.data.preprocess import DatasetError
 DOCS = 'see docs/datasets.md'
 
 
+def read_images(records, record_keys) -> np.ndarray:
+    """The 'image' feature alone of `records` (a prepared split's TFDS data source) at `record_keys`, as one
+    uint8 (n, H, W, 3) batch: the same pixels as reading each record through TFDS
+    (tests/test_prepare_synthetic.py), at 2.4x the rate, because TFDS decodes every feature of every record
+    and that cost more than the read. The records are read one by one: array_record's own batched read
+    starts a thread pool per call and was slower than the loop (docs/benchmarks.md, input pipeline)."""
+    from tensorflow_datasets.proto import tf_example_pb2
+    shape = records.dataset_info.features['image'].shape
+    reader = records.data_source
+    raw = [reader[int(k)] for k in record_keys]
+    out = np.empty((len(raw), *shape), np.uint8)
+    for i, record in enumerate(raw):
+        image = tf_example_pb2.Example.FromString(record).features.feature['image'].bytes_list.value[0]
+        out[i] = np.frombuffer(image, np.uint8).reshape(shape)
+    return out
+
+
 @dataclasses.dataclass(frozen=True)
 class Example:
     """One raw annotated face before preprocessing.

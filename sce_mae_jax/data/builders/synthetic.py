@@ -17,6 +17,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from sce_mae_jax.data import synthetic
+from sce_mae_jax.data.builders import base
 
 NAME = 'sce_synthetic'
 
@@ -91,6 +92,10 @@ class PreparedFaces(synthetic.SyntheticFaces):
 
     def __repr__(self) -> str:
         return 'Prepared' + super().__repr__()
+
+    def read_images(self, indices) -> np.ndarray:
+        """uint8 (n, 136, 136, 3): the images alone of these faces (`base.read_images`)."""
+        return base.read_images(self._records, indices)
 
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
         index = int(index)
