@@ -55,7 +55,7 @@ def run_fields(c: ml_collections.ConfigDict) -> None:
     c.figure_every = 2000    # steps between figures/ PNGs
     # training monitor (train/monitor.py): matching error on the first `pairs` pairs of the training data's
     # matching set (MAFL for CelebA) every `every` steps and at the end of a run at least that long, logged as
-    # match_same / match_diff; 0 turns it off
+    # match_same / match_diff, and match_positional (the descriptors' positional share); 0 turns it off
     c.monitor = dict(every=5000, pairs=100, batch_size=20)
 
 

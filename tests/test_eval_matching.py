@@ -56,11 +56,15 @@ def test_rows_report_figures_and_stored_rerun(full_run):
     rows = ['random_init', 'positions', 'pixels', 'mae', 'sce_mae', 'random_init_carb', 'again']
     assert sorted(results['matching']) == sorted(rows)
     for r in rows:
-        assert set(results['matching'][r]) == {'same', 'diff'}
+        assert set(results['matching'][r]) == {'same', 'diff', 'positional'}
         assert 0 <= results['matching'][r]['same'] < 70 and 0 <= results['matching'][r]['diff'] < 70
+        assert 0 <= results['matching'][r]['positional'] <= 1 + 1e-5  # float32 sums
         m, s = results['silhouette'][r]
         assert -1 <= m <= 1 and s >= 0
     assert results['matching']['again'] == results['matching']['sce_mae']  # same workdir, same numbers
+    # the sin-cos table is the same map for every image: all of its variance is place
+    assert results['matching']['positions']['positional'] == pytest.approx(1.0, abs=1e-6)
+    assert results['matching']['pixels']['positional'] < 0.5
     meta = results['meta']['matching']
     assert meta['pairs'] == 12 and meta['stride'] == 4 and meta['command'].startswith('python -m sce_mae_jax.main')
     report = (wd / 'report.md').read_text()
@@ -89,7 +93,22 @@ def test_pixels_and_positions_match_exactly_on_unwarped_pairs(workdirs, tmp_path
     pairs_lib.save_pairs(tmp_path / 'ident.npz', ident)
     run_main(_args(workdirs, tmp_path / 'ev', f'--config.pairs_file={tmp_path / "ident.npz"}',
                    '--config.rows=("pixels","positions")'))
-    assert _matching(tmp_path / 'ev') == {r: {'same': 0.0, 'diff': 0.0} for r in ('pixels', 'positions')}
+    got = _matching(tmp_path / 'ev')
+    assert {r: {k: got[r][k] for k in ('same', 'diff')} for r in got} == \
+        {r: {'same': 0.0, 'diff': 0.0} for r in ('pixels', 'positions')}
+
+
+def test_positional_share_is_one_for_a_position_code_and_zero_for_a_place_free_one():
+    """Sums as `matching_sums` leaves them: per-location sums of unit descriptors over the images."""
+    from sce_mae_jax.evals import matching
+    rng = np.random.default_rng(0)
+    unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
+    place = unit(rng.normal(size=(6, 6, 8)))                       # one descriptor per location, every image
+    assert matching.positional_share(place * 30, 30) == pytest.approx(1.0)
+    per_image = unit(rng.normal(size=(30, 1, 1, 8))) * np.ones((30, 6, 6, 8))   # one per image, every location
+    assert matching.positional_share(per_image.sum(0), 30) == pytest.approx(0.0, abs=1e-12)
+    half = unit(place + unit(rng.normal(size=(30, 6, 6, 8))))        # place and noise in equal parts
+    assert 0.2 < matching.positional_share(half.sum(0), 30) < 0.8
 
 
 def _free_port():
@@ -116,8 +135,8 @@ def test_same_numbers_on_one_and_eight_devices_and_two_processes(workdirs, full_
     for other in (_matching(tmp_path / 'd8'), _matching(tmp_path / 'p2')):
         assert sorted(other) == sorted(set(one) - {'again'})
         for row in other:
-            np.testing.assert_allclose([other[row]['same'], other[row]['diff']],
-                                       [one[row]['same'], one[row]['diff']], rtol=1e-5)
+            np.testing.assert_allclose([other[row][k] for k in ('same', 'diff', 'positional')],
+                                       [one[row][k] for k in ('same', 'diff', 'positional')], rtol=1e-5)
 
 
 @pytest.mark.parametrize('case', ['other_backbone', 'bad_pairs', 'stride', 'not_stage2', 'no_model',
@@ -154,4 +173,4 @@ def test_mafl_pairs_from_a_prepared_tree(workdirs, tmp_path):
         results = json.load(f)
     assert results['meta']['matching']['data'] == 'mafl' and results['meta']['matching']['pairs'] == 2
     assert sorted(results['matching']) == ['mae', 'pixels']
-    assert set(results['matching']['mae']) == {'same', 'diff'}
+    assert set(results['matching']['mae']) == {'same', 'diff', 'positional'}

@@ -19,6 +19,7 @@ from absl import logging
 
 from sce_mae_jax import progress
 from sce_mae_jax.evals import features
+from sce_mae_jax.carb import l2_normalize
 from sce_mae_jax.evals.metrics import match_points, pixel_errors
 from sce_mae_jax import workdir as workdir_lib
 
@@ -66,9 +67,10 @@ def features_fn_for(row, encoder, fc, size: int):
 
 
 def matching_sums(backbone, proj, batch, *, features_fn) -> dict[str, jax.Array]:
-    """Sums of per-pair mean errors (70-px frame) and pair counts, by kind, over a global batch of pairs;
-    padding (`_mask` False) counts for nothing. Summing over the `data`-sharded batch is the cross-device
-    reduction: no per-pair value leaves the devices."""
+    """Sums of per-pair mean errors (70-px frame) and pair counts, by kind, over a global batch of pairs, and
+    the per-location sums of the unit descriptors of every image (for `positional_share`); padding (`_mask`
+    False) counts for nothing. Summing over the `data`-sharded batch is the cross-device reduction: no
+    per-pair value leaves the devices."""
     src = features_fn(backbone, proj, batch["src_images"])
     tgt = features_fn(backbone, proj, batch["tgt_images"])
     err = pixel_errors(match_points(src, tgt, batch["src_landmarks"]), batch["tgt_landmarks"]).mean(-1)
@@ -76,6 +78,32 @@ def matching_sums(backbone, proj, batch, *, features_fn) -> dict[str, jax.Array]
     for name, k in (("same", 0), ("diff", 1)):
         w = (batch["_mask"] & (batch["kind"] == k)).astype(jnp.float32)
         out[f"{name}_sum"], out[f"{name}_n"] = jnp.sum(err * w), jnp.sum(w)
+    real = batch["_mask"].astype(jnp.float32)
+    out["unit_sum"] = sum(jnp.einsum("b,bhwc->hwc", real, l2_normalize(jnp.asarray(f, jnp.float32)))
+                          for f in (src, tgt))
+    out["images"] = 2 * jnp.sum(real)
+    return out
+
+
+def positional_share(unit_sum, images) -> float:
+    """The share of the unit descriptors' variance that the place in the frame alone explains: the variance of
+    the per-location mean descriptor over the total variance (1 − |global mean|²). 1 for a pure position code
+    (the `positions` row), near 0 for descriptors that say nothing about where they are. Within-image
+    repellence (CL's loss, LCR) can be satisfied by encoding position, which a ViT's tokens carry from their
+    position embeddings: on a content benchmark, a stage 2 that raises this share is matching by place
+    (docs/results.md)."""
+    loc_mean = np.asarray(unit_sum, np.float64) / float(images)
+    mean = loc_mean.mean((0, 1))
+    total = 1.0 - float(mean @ mean)
+    between = float((loc_mean ** 2).sum(-1).mean()) - float(mean @ mean)
+    return between / total if total > 0 else 1.0
+
+
+def summarize(totals: dict) -> dict[str, float]:
+    """`matching_sums` added over all batches → {"same", "diff": mean errors (70-px frame), "positional":
+    `positional_share`}, a kind without pairs left out."""
+    out = {k: float(totals[f"{k}_sum"]) / float(totals[f"{k}_n"]) for k in ("same", "diff") if totals[f"{k}_n"]}
+    out["positional"] = positional_share(totals["unit_sum"], totals["images"])
     return out
 
 
@@ -152,11 +180,10 @@ def run(config, workdir: str) -> dict:
             sums = step(backbone, proj, common.global_batch(local, data_sh))
             totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
             done.step()
-        totals = jax.tree.map(float, totals)
-        table[row.name] = {k: totals[f"{k}_sum"] / totals[f"{k}_n"] for k in ("same", "diff") if totals[f"{k}_n"]}
+        table[row.name] = summarize(totals)
         fns[row.name] = (key, fn, backbone, proj)
-        logging.info("matching %s: same %.2f, diff %.2f (70-px frame)", row.name, table[row.name].get("same", -1),
-                     table[row.name].get("diff", -1))
+        logging.info("matching %s: same %.2f, diff %.2f (70-px frame), positional share %.3f", row.name,
+                     table[row.name].get("same", -1), table[row.name].get("diff", -1), table[row.name]["positional"])
     shown = [r for r in rows if report.SEED_MARK not in r.name]  # seed replicates: numbers only, no figures
     figs, silhouette = plots.matching_figures(workdir, pairs, shown, fns, config.figures, mesh) if \
         config.figures.pairs > 0 else ([], {})

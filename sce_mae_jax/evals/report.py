@@ -1,7 +1,8 @@
 """`results.json` and `report.md` of an evaluation workdir.
 
 results.json:
-    {"matching":   {ROW: {"same": float, "diff": float}},            70-px mean pixel error (paper Table 1)
+    {"matching":   {ROW: {"same": float, "diff": float,              70-px mean pixel error (paper Table 1),
+                          "positional": float}},                     and the descriptors' positional share
      "detection":  {ROW: {DATASET: float}},                          100 × mean error / IOD (paper Table 2)
      "limited":    {ROW: {"1": [mean, std], "5": ..., ...}},         the same, AFLW_M, N annotations (Table 3)
      "silhouette": {ROW: [mean, std]},                               t-SNE of landmark descriptors (Fig. 5)
@@ -165,16 +166,17 @@ def _with_spread(section: dict) -> dict:
             for r, v in section.items() if SEED_MARK not in r}
 
 
-def _fmt(v) -> str:
+def _fmt(v, digits: int = 2) -> str:
     if isinstance(v, (list, tuple)):
-        return f'{v[0]:.2f} ± {v[1]:.2f}'
-    return '–' if v is None else f'{v:.2f}'
+        return f'{v[0]:.{digits}f} ± {v[1]:.{digits}f}'
+    return '–' if v is None else f'{v:.{digits}f}'
 
 
-def _table(section: dict, columns: list[str], header: list[str]) -> list[str]:
+def _table(section: dict, columns: list[str], header: list[str], digits: dict | None = None) -> list[str]:
     out = ['| row | ' + ' | '.join(header) + ' |', '|---|' + '---|' * len(header)]
     for r in _rows(section):
-        out.append(f'| `{r}` | ' + ' | '.join(_fmt(section[r].get(c)) for c in columns) + ' |')
+        out.append(f'| `{r}` | ' + ' | '.join(_fmt(section[r].get(c), (digits or {}).get(c, 2)) for c in columns)
+                   + ' |')
     return out
 
 
@@ -205,8 +207,11 @@ def render(results: dict) -> str:
         lines += ['## Landmark matching (paper Table 1)', '',
                   f'Mean pixel error in the 70-px frame (CL: error at 96 px × 69/95), {m.get("pairs", "?")} pairs '
                   f'of `{m.get("data", "?")}` (half same identity, half different), features at stride '
-                  f'{m.get("stride", "?")} upsampled to 96 px. Lower is better.', '']
-        lines += _table(_with_spread(results['matching']), ['same', 'diff'], ['same identity', 'different identity'])
+                  f'{m.get("stride", "?")} upsampled to 96 px. Lower is better. Positional share: the part of '
+                  'the descriptors\' variance that the place in the frame alone explains (1: `positions`, a pure '
+                  'position code; `evals/matching.positional_share`).', '']
+        lines += _table(_with_spread(results['matching']), ['same', 'diff', 'positional'],
+                        ['same identity', 'different identity', 'positional share'], {'positional': 3})
         lines += _verdicts(results['matching'], ['same', 'diff'])
         lines += ['', f'Paper: {PAPER["matching"]}', '']
     if 'silhouette' in results:

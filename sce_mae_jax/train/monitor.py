@@ -72,10 +72,10 @@ def build(config, encoder, mesh, total_steps: int, projector=None):
         for b in batches:
             sums = step(backbone, proj, b)
             totals = sums if totals is None else jax.tree.map(jax.numpy.add, totals, sums)
-        totals = jax.tree.map(float, totals)
-        out = {f'match_{k}': totals[f'{k}_sum'] / totals[f'{k}_n'] for k in ('same', 'diff') if totals[f'{k}_n']}
+        out = {f'match_{k}': v for k, v in matching.summarize(totals).items()}
         return {**out, 'monitor_s': time.time() - t0}
 
-    logging.info('monitor: matching on %d pairs every %d steps (match_same / match_diff, 70-px frame)',
+    logging.info('monitor: matching on %d pairs every %d steps (match_same / match_diff, 70-px frame; '
+                 'match_positional: the descriptors\' positional share)',
                  len(pairs['kind']), config.monitor.every)
     return monitor
