@@ -33,7 +33,8 @@ def test_prepared_faces_are_the_rendered_ones(data_dir):
 
 def test_images_read_a_batch_at_a_time_are_the_records_images(data_dir):
     """`read_images` skips TFDS's decoding of the other features: the same pixels, in the order asked, and the
-    training pipeline's images-only batches (which use it) are those of the item-by-item path."""
+    training pipeline's images-only batches (which use it, in this process or in a grain worker) are those of
+    the item-by-item path."""
     src = sources.get_source('synthetic', 'pretrain', data_dir=data_dir, seed=3)
     order = [4, 0, 5, 4, 2]
     images = src.read_images(order)
@@ -41,8 +42,11 @@ def test_images_read_a_batch_at_a_time_are_the_records_images(data_dir):
     np.testing.assert_array_equal(images, np.stack([src[i]['image'] for i in order]))
     plain = pipeline.train_iterator(src, global_batch=4, seed=1, transform=None)
     mapped = pipeline.train_iterator(src, global_batch=4, seed=1, transform=lambda e, r: {'image': e['image']})
+    in_worker = pipeline.train_iterator(src, global_batch=4, seed=1, transform=None, num_workers=1)
     for _ in range(4):  # 16 positions over 6 faces: crosses two reshuffles, one batch straddles an epoch
-        np.testing.assert_array_equal(next(plain)['image'], next(mapped)['image'])
+        batch = next(plain)['image']
+        np.testing.assert_array_equal(batch, next(mapped)['image'])
+        np.testing.assert_array_equal(batch, next(in_worker)['image'])  # the source pickled into a worker
 
 
 def test_shards_are_stored_uncompressed_and_a_compressed_one_reads_the_same(data_dir):
