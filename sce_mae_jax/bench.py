@@ -287,7 +287,9 @@ def bench_input(config, data_dir: str, n: int, workers: Sequence[int], target: f
         for t in threads or [config.input.read_threads]:
             for src_name, src in (('rendered', rendered), ('prepared', stored)):
                 rates[f'grain, {src_name}, {w} workers, {t} threads'] = r = _pipeline_rate(src, config, w, threads=t)
-                print(f'  grain pipeline, {src_name}, {w} worker processes, {t} read threads: {r:,.0f} images/s')
+                cores = max(w, 1)  # the issue's yardstick: w workers against w cores at the stage sum
+                print(f'  grain pipeline, {src_name}, {w} worker processes, {t} read threads: {r:,.0f} images/s '
+                      f'({r * per_image[src_name] / cores:.0%} of {cores} core{"s" * (cores > 1)} at the stage sum)')
     if tmp:
         import shutil
         shutil.rmtree(tmp, ignore_errors=True)

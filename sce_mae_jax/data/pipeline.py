@@ -16,6 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
+from sce_mae_jax.data import worker_transport
+
 # CelebA statistics (method.md §1), used for every dataset so that features are comparable across them.
 MEAN_RGB = (0.5084, 0.4224, 0.3769)
 STD_RGB = (0.2599, 0.2371, 0.2323)
@@ -239,9 +241,15 @@ def train_iterator(source, *, global_batch: int, seed: int, transform: Callable 
     it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=2 * num_threads))
     keep_freed_memory()
     if num_workers > 0:
-        it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers),
-                                  worker_init_fn=keep_freed_memory)
+        it_ds = it_ds.map(worker_transport.to_ring).mp_prefetch(
+            grain.MultiprocessingOptions(num_workers=num_workers), worker_init_fn=_init_worker)
+        it_ds = it_ds.map(worker_transport.RingReader())
     return iter(it_ds)
+
+
+def _init_worker(index: int, count: int) -> None:
+    keep_freed_memory()
+    worker_transport.init_worker(index, count)
 
 
 class _Padded:
