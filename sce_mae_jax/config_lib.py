@@ -79,7 +79,10 @@ def mae(size: str, arg: str | None) -> ml_collections.ConfigDict:
                    decoder_depth=8, decoder_num_heads=16, mask_ratio=0.75, norm_pix_loss=True, dtype='float32',
                    # custom-VJP LayerNorm·Dense, GELU·Dense and attention (models/fused.py); False: plain autodiff
                    # and jax.nn.dot_product_attention, the same values
-                   fused_ops=True)
+                   fused_ops=True,
+                   # the encoder's position embeddings: 'sincos' (MAE's) or 'none' (an ablation: the encoder
+                   # sees content only; the decoder keeps its table; docs/results.md)
+                   position='sincos')
     # random resized crop scale range and horizontal flip; workers: grain worker processes (0: threads in-process);
     # read_threads: grain's read threads per worker (more only for shards on remote storage);
     # device_augment: crop, resize and flip inside the jitted step, so the host only reads and batches
@@ -147,7 +150,8 @@ def carb(size: str, arg: str | None, *, dim: int, eta: float) -> ml_collections.
     c.b1, c.b2 = 0.5, 0.999  # Adam betas
     c.weight_decay = 5e-4    # L2 added to the gradient
     # the frozen backbone's architecture: must be the stage-1 model's (init_from is checked against it)
-    c.model = dict(**DEIT[SIZES[size]], mlp_ratio=4.0, patch_size=8, image_size=96, dtype='float32')
+    c.model = dict(**DEIT[SIZES[size]], mlp_ratio=4.0, patch_size=8, image_size=96, dtype='float32',
+                   position='sincos')  # the stage-1 model's `position` (what init_from=random_init builds)
     # out_dim: descriptor width; hidden: widths of ReLU layers before the output (none: CL's single layer);
     # kernel_size > 1: spatial convolutions; activation 'linear' (the plain per-position map: the best of the
     # projector study, docs/results.md) or 'softmax' (CL's, the paper's recipe, method.md §2.5: 1x1 conv, then

@@ -17,7 +17,7 @@ from sce_mae_jax.train import carb, pretrain, split_inputs
 from sce_mae_jax.errors import ConfigError
 from sce_mae_jax import workdir as workdir_lib
 
-ARCH = ('embed_dim', 'depth', 'num_heads', 'mlp_ratio', 'patch_size', 'image_size')
+ARCH = ('embed_dim', 'depth', 'num_heads', 'mlp_ratio', 'patch_size', 'image_size', 'position')
 
 
 def _stage2(config, stage1_config, init_from: str):

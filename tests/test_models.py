@@ -117,6 +117,23 @@ def test_capture_returns_block_tokens_and_cls_logits():
     np.testing.assert_allclose(np.asarray(out['cls_logits'][0]), np.asarray(ref), rtol=1e-4, atol=1e-5)
 
 
+def test_encoder_without_positions_sees_content_not_place():
+    """position='none': moving patches around moves their tokens with them, unchanged; MAE's table does not.
+    The decoder keeps its own table either way."""
+    x = jnp.asarray(np.random.default_rng(5).normal(size=(1, 96, 96, 3)), jnp.float32)
+    swapped = x.at[:, :8, :16].set(jnp.concatenate([x[:, :8, 8:16], x[:, :8, :8]], axis=2))  # patches 0 ⇄ 1
+    order = np.r_[1, 0, 2:144]
+    for position, equivariant in (('none', True), ('sincos', False)):
+        vit = ViT(embed_dim=48, depth=2, num_heads=2, position=position)
+        params = vit.init(jax.random.PRNGKey(0), x)['params']
+        a, b = (vit.apply({'params': params}, im)['tokens'] for im in (x, swapped))
+        assert np.allclose(a[:, order], b, atol=1e-5) == equivariant, position
+    mae = _tiny_mae(position='none').init({'params': jax.random.PRNGKey(0), 'masking': jax.random.PRNGKey(1)}, x)
+    assert not np.any(mae['params']['encoder']['pos_embed']) and np.any(mae['params']['decoder_pos_embed'])
+    with pytest.raises(ValueError, match='position'):
+        ViT(embed_dim=48, depth=1, num_heads=2, position='learned').init(jax.random.PRNGKey(0), x)
+
+
 def test_bfloat16_compute_keeps_float32_parameters():
     model = _tiny_mae(dtype='bfloat16')
     x = jnp.asarray(np.random.default_rng(5).normal(size=(2, 96, 96, 3)), jnp.float32)

@@ -64,11 +64,12 @@ class MAE(nn.Module):
     norm_pix_loss: bool = True
     dtype: str = 'float32'
     fused_ops: bool = True   # models/fused.py: custom-VJP operations (True) or plain autodiff (False)
+    position: str = 'sincos'  # the encoder's position table (vit.POSITIONS); the decoder always has its own
 
     def setup(self):
         dtype = DTYPES[self.dtype]
         self.encoder = ViT(self.embed_dim, self.depth, self.num_heads, self.mlp_ratio, self.patch_size,
-                           self.image_size, dtype, self.fused_ops)
+                           self.image_size, dtype, self.fused_ops, self.position)
         self.decoder_embed = nn.Dense(self.decoder_embed_dim, dtype=dtype, kernel_init=xavier)
         self.mask_token = self.param('mask_token', nn.initializers.normal(0.02), (1, 1, self.decoder_embed_dim))
         self.decoder_pos_embed = self.param('decoder_pos_embed', sincos_init(self.grid, self.grid),
@@ -119,7 +120,8 @@ def encoder_from_model_config(model_config) -> ViT:
     before a field existed gets the field's default."""
     m = dict(model_config)
     return ViT(m['embed_dim'], m['depth'], m['num_heads'], m.get('mlp_ratio', 4.0), m['patch_size'],
-               m['image_size'], DTYPES[m.get('dtype', 'float32')], m.get('fused_ops', True))
+               m['image_size'], DTYPES[m.get('dtype', 'float32')], m.get('fused_ops', True),
+               m.get('position', 'sincos'))
 
 
 # The value of `init_from` (stage 2) that asks for an untrained backbone: the `random_init` control.

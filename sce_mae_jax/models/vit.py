@@ -164,6 +164,9 @@ class Block(nn.Module):
         return x, cls_logits
 
 
+POSITIONS = ('sincos', 'none')
+
+
 class ViT(nn.Module):
     """The MAE encoder: patch embedding, fixed sin-cos positions, CLS token, blocks, final LayerNorm.
 
@@ -179,6 +182,9 @@ class ViT(nn.Module):
     image_size: int = 96
     dtype: Any = jnp.float32
     fused_ops: bool = True  # custom-VJP operations (models/fused.py) or plain autodiff; same parameters
+    # 'sincos': MAE's fixed table; 'none': a zero table, tokens know their content and not their place (an
+    # ablation, docs/results.md; the parameter stays, so checkpoints keep one layout)
+    position: str = 'sincos'
 
     @property
     def grid(self) -> int:
@@ -197,8 +203,10 @@ class ViT(nn.Module):
         self.cls_token = self.param('cls_token', nn.initializers.normal(0.02), (1, 1, self.embed_dim))
         # A parameter (CLS row first, zeros) like the reference's requires_grad=False tensor, so counts and
         # converted checkpoints line up; the optimiser never updates it (see train/optim.py FROZEN_PARAMS).
-        self.pos_embed = self.param('pos_embed', sincos_init(self.grid, self.grid), (1, self.num_patches + 1,
-                                                                                 self.embed_dim))
+        if self.position not in POSITIONS:
+            raise ValueError(f'position={self.position!r}: expected one of {POSITIONS}')
+        init = sincos_init(self.grid, self.grid) if self.position == 'sincos' else nn.initializers.zeros
+        self.pos_embed = self.param('pos_embed', init, (1, self.num_patches + 1, self.embed_dim))
         self.blocks = [Block(self.num_heads, self.mlp_ratio, self.dtype, self.fused_ops, name=f'blocks_{i}')
                        for i in range(self.depth)]
         self.norm = nn.LayerNorm(LN_EPS, dtype=self.dtype)
