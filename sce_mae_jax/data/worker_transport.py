@@ -1,15 +1,15 @@
-"""Batches from grain's worker processes through shared memory that is written again, not allocated again.
+"""Batches from grain's worker processes through shared memory that is used again, not allocated again.
 
 grain hands each worker's element to the main process in a fresh shared-memory block: every page of every
 batch is faulted in and zeroed in the worker and mapped again in the main process, which cost as much CPU as
 reading the batch (docs/benchmarks.md, input pipeline). Here each worker owns a ring of `SLOTS` batch-sized
-slots in one shared file: it builds a batch in the next slot (`empty`, where the batch is made by filling an
-array) or copies it there, and sends grain only the slot's address; the
-main process copies the batch out (into memory it reuses, `pipeline.keep_freed_memory`) and records in the
-file's header the last sequence number it has copied. A worker writes a slot only once the batch that last
-filled it has been copied; if it has not been (the main process fell behind, or grain discarded queued batches
-on `set_state`), or a batch is larger than a slot, the batch goes through grain's own shared memory as before.
-Either way the main process gets the same arrays; only the cost differs.
+slots in one shared file. It builds a batch in a free slot (`empty`, where the batch is made by filling an
+array) or copies it there, and sends grain only the slot's address. The main process hands out arrays that
+are views of the slot, and marks the slot released in the file's header when the last of them (and of
+anything derived from them, a device buffer that aliases it included) is gone; only then does the worker
+write there again. Batches grain drops unread (its queue on `set_state`) release their slots as soon as a
+later batch from the same worker arrives. With every slot in use, or a batch larger than a slot, the batch
+goes through grain's own shared memory as before: the arrays are the same either way, only the cost differs.
 
 Used by `pipeline.train_iterator` with `num_workers > 0`: `to_ring` maps in the workers, `RingReader` in the
 main process, `init_worker` is the workers' `worker_init_fn`.
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import mmap
 import os
 import tempfile
 import threading
@@ -25,9 +26,10 @@ import weakref
 
 import numpy as np
 
-SLOTS = 8  # ≥ batches a worker has in flight: built ahead by its read threads (2), grain's queue (1), interleave's
-           # buffer (1), the one being read
-_HEADER = 4096  # int64 at 0: the highest sequence number the main process has copied out
+# batches a worker can have in flight: built ahead by its read threads (2), grain's queue (1), interleave's
+# buffer (1), and the ones the training loop still holds (the step's batch, a device buffer aliasing it on CPU)
+SLOTS = 10
+_HEADER = 4096  # int64s: released[SLOTS], received[SLOTS], the highest batch number received
 _ALIGN = 4096
 _KEY = '_ring'  # the element's entry that carries the address (or, for batches grain moved, the number)
 
@@ -45,17 +47,24 @@ def _arrays(element: dict) -> dict:
     return {k: v for k, v in element.items() if isinstance(v, np.ndarray) and not v.dtype.hasobject}
 
 
-def _view(mem: np.ndarray, offset: int, shape, dtype) -> np.ndarray:
+def _map(path: str):
+    """(the mapping, its header: released, received, the highest number received)."""
+    with open(path, 'r+b') as f:
+        mem = mmap.mmap(f.fileno(), 0)
+    header = np.frombuffer(mem, np.int64, 2 * SLOTS + 1)
+    return mem, header[:SLOTS], header[SLOTS:2 * SLOTS], header[2 * SLOTS:]
+
+
+def _view(mem, offset: int, shape, dtype) -> np.ndarray:
     dtype = np.dtype(dtype)
-    return mem[offset:offset + int(np.prod(shape)) * dtype.itemsize].view(dtype).reshape(shape)
+    return np.frombuffer(mem, dtype, int(np.prod(shape)), offset).reshape(shape)
 
 
 class _Ring:
     """This worker's slots: one file, mapped, `slot_bytes` per slot after the header. A slot is free when the
-    batch last sent from it has been copied out (the main process's counter has reached its number: batches
-    are read in the order sent, so one read releases every slot sent before it, discarded ones included) and
-    no batch is being built in it. grain's read threads build batches ahead (`empty`) while this process's
-    loop sends them (`put`), hence the lock."""
+    batch last sent from it is released (the main process let go of it, or it was dropped unread: a later
+    batch arrived and this one never did) and no batch is being built in it. grain's read threads build
+    batches ahead (`empty`) while this process's loop sends them (`put`), hence the lock."""
 
     def __init__(self, slot_bytes: int, worker: int):
         self.slot_bytes = -(-slot_bytes // _ALIGN) * _ALIGN
@@ -65,19 +74,21 @@ class _Ring:
         finally:
             os.close(fd)
         atexit.register(_unlink, self.path)  # if the main process never mapped it (it unlinks it when it does)
-        self.mem = np.memmap(self.path, np.uint8, 'r+').view(np.ndarray)
-        self.consumed = self.mem[:8].view(np.int64)
-        self.consumed[0] = -1
+        self.mem, self.released, self.received, self.upto = _map(self.path)
+        self.released[:], self.received[:], self.upto[:] = -1, -1, -1
         self.seq = 0
         self.sent = [-1] * SLOTS   # each slot's last batch number
         self.building = {}         # slot → weak reference to the array being built in it
         self.lock = threading.Lock()
 
     def _take_free_slot(self) -> int | None:
-        consumed = int(self.consumed[0])
-        for slot in range(SLOTS):
+        upto = int(self.upto[0])
+        for slot, seq in enumerate(self.sent):
             ref = self.building.get(slot)
-            if self.sent[slot] <= consumed and (ref is None or ref() is None):
+            if ref is not None and ref() is not None:
+                continue
+            dropped = int(self.received[slot]) != seq and upto >= seq
+            if seq < 0 or int(self.released[slot]) == seq or dropped:
                 self.building.pop(slot, None)
                 return slot
         return None
@@ -110,7 +121,7 @@ class _Ring:
             for k in order:
                 offsets[k], end = end, -(-(end + arrays[k].nbytes) // 64) * 64
             if in_slot is not None or (slot is not None and end <= self.slot_bytes):
-                self.sent[slot] = seq  # busy until read: grain may still be copying a batch built here
+                self.sent[slot] = seq  # busy until released: grain may still be copying a batch built here
             if slot is None or end > self.slot_bytes:  # every slot in use, or too big: grain carries it
                 return {**element, _KEY: (self.path, seq, None)}
         layout = {}
@@ -120,7 +131,7 @@ class _Ring:
                 np.copyto(_view(self.mem, o, v.shape, v.dtype), v)
             layout[k] = (o, v.shape, v.dtype.str)
         rest = {k: v for k, v in element.items() if k not in arrays}
-        return {**rest, _KEY: (self.path, seq, layout)}
+        return {**rest, _KEY: (self.path, seq, (slot, self._base(slot), end, layout))}
 
 
 _worker = {'index': None, 'ring': None}  # per worker process
@@ -133,7 +144,7 @@ def init_worker(index: int, count: int) -> None:
 
 
 def to_ring(element: dict) -> dict:
-    """In a worker: the batch's arrays into this worker's next free slot; a small address goes to grain."""
+    """In a worker: the batch's arrays into a free slot of this worker's ring; a small address goes to grain."""
     ring = _worker['ring']
     if ring is None:
         if _worker['index'] is None:  # not in a worker (grain ran the map in this process): nothing to save
@@ -144,35 +155,48 @@ def to_ring(element: dict) -> dict:
 
 
 def empty(shape, dtype) -> np.ndarray:
-    """Memory to build a batch's array in: in a worker whose next slot is free, the slot itself (`to_ring` then
-    sends the batch without copying it); anywhere else a new array."""
+    """Memory to build a batch's array in: in a worker with a free slot, the slot itself (`to_ring` then sends
+    the batch without copying it); anywhere else a new array."""
     ring = _worker['ring']
     return np.empty(shape, dtype) if ring is None else ring.empty(shape, dtype)
 
 
+def _release(released: np.ndarray, slot: int, seq: int) -> None:
+    released[slot] = seq
+
+
 class RingReader:
-    """In the main process: each batch's arrays copied out of its worker's slot, then the slot released."""
+    """In the main process: each batch's arrays as views of its worker's slot, released when they are gone."""
 
     def __init__(self):
-        self._rings = {}  # path → (memory, consumed counter); files unlinked once mapped here
-        self.copied = self.moved_by_grain = 0  # batches each way (tests, benchmarks)
+        self._rings = {}  # path → _map(path); files unlinked once mapped here
+        self.in_ring = self.moved_by_grain = 0  # batches each way (tests, benchmarks)
 
     def _ring(self, path: str):
         if path not in self._rings:
-            mem = np.memmap(path, np.uint8, 'r+').view(np.ndarray)
+            self._rings[path] = _map(path)
             _unlink(path)  # both processes hold the mapping; the memory goes when both let go
-            self._rings[path] = (mem, mem[:8].view(np.int64))
         return self._rings[path]
 
     def __call__(self, element: dict) -> dict:
         if _KEY not in element:
             return element
         element = dict(element)
-        path, seq, layout = element.pop(_KEY)
-        mem, consumed = self._ring(path)
-        self.copied += layout is not None
-        self.moved_by_grain += layout is None
-        for k, (o, shape, dtype) in (layout or {}).items():
-            element[k] = _view(mem, o, shape, dtype).copy()
-        consumed[0] = max(int(consumed[0]), seq)  # after the copy: the worker may now write that slot again
+        path, seq, where = element.pop(_KEY)
+        mem, released, received, upto = self._ring(path)
+        if where is not None:
+            slot, base, size, layout = where
+            received[slot] = seq  # before `upto`: the worker must never see this batch as dropped
+        upto[0] = max(int(upto[0]), seq)  # every slot sent before this batch and never received was dropped
+        if where is None:
+            self.moved_by_grain += 1
+            return element
+        self.in_ring += 1
+        # One array over the batch's bytes, every returned array a view of it: numpy keeps that array (and its
+        # buffer) alive while any view of a view lives, so its buffer's end is the batch's end.
+        region = np.frombuffer(mem, np.uint8, size, base)
+        weakref.finalize(region.base, _release, released, slot, seq)
+        for k, (o, shape, dtype) in layout.items():
+            element[k] = region[o - base:o - base + int(np.prod(shape)) * np.dtype(dtype).itemsize].view(
+                dtype).reshape(shape)
         return element
