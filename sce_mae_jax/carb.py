@@ -306,14 +306,17 @@ def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
 LOCALITIES = ('log', 'sqrt', 'linear', 'none')
 
 
-def locality_weights(positions: jax.Array, locality: str = 'log') -> jax.Array:
-    """f_loc of eq. 5 between every pair of tokens, (..., N, N) float32 from (..., N, 2) positions.
+def locality_weights(positions: jax.Array, locality: str = 'log', others: jax.Array | None = None) -> jax.Array:
+    """f_loc of eq. 5 between every pair of tokens, (..., N, N) float32 from (..., N, 2) positions (or between
+    `positions` and `others` (..., M, 2) in the same frame: (..., N, M)).
 
     'log': log(||pos_i − pos_j|| + 1) (eq. 5); 'sqrt': ||pos_i − pos_j||^0.5 (CL's correspondence loss,
-    `pow=0.5`); 'linear': ||pos_i − pos_j||; 'none': 1 off the diagonal, 0 on it (no locality term).
+    `pow=0.5`); 'linear': ||pos_i − pos_j||; 'none': 1 between distinct places, 0 at the same place (no
+    locality term).
     """
     pos = positions.astype(jnp.float32)
-    diff = pos[..., :, None, :] - pos[..., None, :, :]
+    other = pos if others is None else others.astype(jnp.float32)
+    diff = pos[..., :, None, :] - other[..., None, :, :]
     sq = jnp.sum(diff * diff, axis=-1)
     # sqrt has no finite gradient at 0; positions are constants, but keep the graph clean anyway.
     dist = jnp.where(sq > 0, jnp.sqrt(jnp.where(sq > 0, sq, 1.0)), 0.0)
@@ -324,8 +327,7 @@ def locality_weights(positions: jax.Array, locality: str = 'log') -> jax.Array:
     if locality == 'linear':
         return dist
     if locality == 'none':
-        n = pos.shape[-2]
-        return jnp.broadcast_to(1.0 - jnp.eye(n, dtype=jnp.float32), sq.shape)
+        return (sq > 0).astype(jnp.float32)
     raise ValueError(f"locality must be one of {LOCALITIES}, got {locality!r}")
 
 
@@ -375,6 +377,44 @@ def lcr_loss(proj: jax.Array, selected: jax.Array, attentive: jax.Array, positio
     p_self = jnp.sum(jnp.where(sel, jnp.diagonal(p, axis1=1, axis2=2), 0.0), axis=-1) / denom
     aux = dict(loss_per_image=per_image, num_selected=num_sel, p_self=p_self)
     return jnp.mean(per_image), aux
+
+
+def cross_view_lcr_loss(proj: jax.Array, selected: jax.Array, attentive: jax.Array, positions: jax.Array,
+                        proj_b: jax.Array, positions_b: jax.Array, *, tau: float,
+                        rep: tuple[float, float, float] = (5.0, 5.0, 2.0),
+                        locality: str = 'log') -> tuple[jax.Array, dict[str, Any]]:
+    """LCR across two views of each image (`carb.cross_view_shift`; not the paper's, which repels within one
+    view): every selected token i of view A against every token j of view B, a crop of the same face moved by a
+    whole number of tokens, with f_loc measured between their places on the face.
+
+        p(j|i) = softmax over j ∈ B of <Φ_i, Φ^B_j> / τ
+        L_img  = (1/|T'|) Σ_{i∈T'} λ_i Σ_j f_loc(pos_i, pos^B_j) · p(j|i),   λ_i = rep[0] attentive, rep[2] centre
+
+    T' is T less the tokens whose place falls outside view B. Token i's own place in B is a distance 0 away, so
+    the loss is lowest when Φ picks out i's content wherever it moved: the place in the frame, which satisfies
+    the within-view loss (docs/results.md), no longer does.
+
+    Args:
+        proj, selected, attentive, positions: view A as in `lcr_loss` (positions (N, 2) or (B, N, 2)).
+        proj_b: (B, M, D) every token of view B.
+        positions_b: (B, M, 2) view B's token centres in view A's pixel frame (its grid plus the shift).
+    Returns:
+        loss, and aux with 'num_selected' (B,) |T'| and 'p_self' (B,) the mean over T' of p(i's place in B | i).
+    """
+    phi, phi_b = l2_normalize(proj), l2_normalize(proj_b)
+    pos = jnp.broadcast_to(positions.astype(jnp.float32), proj.shape[:2] + (2,))
+    lo, hi = positions_b.min(axis=1, keepdims=True), positions_b.max(axis=1, keepdims=True)
+    sel = selected.astype(bool) & jnp.all((pos >= lo) & (pos <= hi), axis=-1)  # i's place is in view B
+    logits = jnp.einsum('bid,bjd->bij', phi, phi_b, precision=_HIGHEST) / tau
+    p = jax.nn.softmax(logits, axis=-1)
+    f_loc = locality_weights(pos, locality, positions_b)
+    lam = jnp.where(attentive.astype(bool), rep[0], rep[2]).astype(jnp.float32)
+    num_sel = jnp.sum(sel, axis=-1).astype(jnp.float32)
+    denom = jnp.maximum(num_sel, 1.0)
+    per_image = jnp.sum(jnp.where(sel, lam * jnp.sum(f_loc * p, axis=-1), 0.0), axis=-1) / denom
+    own = jnp.all(pos[:, :, None, :] == positions_b[:, None, :, :], axis=-1)
+    p_self = jnp.sum(jnp.where(sel, jnp.sum(jnp.where(own, p, 0.0), axis=-1), 0.0), axis=-1) / denom
+    return jnp.mean(per_image), dict(loss_per_image=per_image, num_selected=num_sel, p_self=p_self)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -178,6 +178,10 @@ def carb(size: str, arg: str | None, *, dim: int, eta: float) -> ml_collections.
         # 'upsampled': the projector on the map bilinearly upsampled to image_size, as evaluation applies it,
         # each token read at its centre pixel; 'tokens': on the 12x12 token grid
         projector_map='upsampled',
+        # > 0: not the paper's loss; LCR between the crop and a second crop of the same face moved by up to this
+        # many tokens each way (carb.cross_view_lcr_loss), so that the place in the frame cannot satisfy it
+        # (docs/results.md). Needs input.device_augment=True, input.augment=none, input.flip=False; at most 2.
+        cross_view_shift=0,
     )
     # LCR loss (eq. 4-7): temperature τ (CL's: 1/8 for 64-d, 1/7 otherwise); λ_rep for att-att, att-inatt and
     # inatt-inatt pairs; locality f_loc: 'log' log(d + 1) (eq. 5), 'sqrt' CL's d^0.5, 'linear' d, 'none' 1

@@ -442,6 +442,36 @@ def test_lcr_loss_rejects_unknown_locality():
                        jnp.ones((1, 4), bool), jnp.ones((1, 4), bool), carb.token_positions(2, 2, 8))
 
 
+def test_cross_view_loss_rewards_content_and_not_place():
+    """View B is view A's face moved by one token right and one down: descriptors that follow the content (B's
+    token at A's token's new place carries A's descriptor) score the minimum, near zero, and p_self ~1;
+    descriptors of place (B's token at the same grid index as A's) score far more. Tokens whose place left the
+    view are not counted."""
+    g, d, tau = 4, 16, 0.05
+    pos = carb.token_positions(g, g, 8)
+    content = np.asarray(carb.l2_normalize(jax.random.normal(jax.random.PRNGKey(0), (g + 1, g + 1, d))))
+    view_a = content[:g, :g].reshape(1, g * g, d)           # A sees content rows/cols 0..g-1
+    view_b_content = content[1:, 1:].reshape(1, g * g, d)   # B sees rows/cols 1..g: moved by one token
+    pos_b = (pos + 8.0)[None]                               # B's tokens in A's frame
+    everything = jnp.ones((1, g * g), bool)
+    args = dict(tau=tau, rep=(1.0, 1.0, 1.0), locality='log')
+    follows, aux = carb.cross_view_lcr_loss(jnp.asarray(view_a), everything, everything, pos,
+                                            jnp.asarray(view_b_content), pos_b, **args)
+    place, _ = carb.cross_view_lcr_loss(jnp.asarray(view_a), everything, everything, pos,
+                                        jnp.asarray(view_a), pos_b, **args)
+    assert float(follows) < 0.05 < 0.5 < float(place)
+    assert float(aux['num_selected'][0]) == (g - 1) ** 2 and float(aux['p_self'][0]) > 0.99
+    # the per-token sum by hand, for one token of A: (1, 1) is B's token (0, 0)
+    phi_a, phi_b = view_a[0], view_b_content[0]
+    i = 1 * g + 1
+    p = np.exp(phi_b @ phi_a[i] / tau)
+    p /= p.sum()
+    f = np.log1p(np.linalg.norm(np.asarray(pos)[i] - np.asarray(pos_b)[0], axis=-1))
+    one = carb.cross_view_lcr_loss(jnp.asarray(view_a), jnp.arange(g * g)[None] == i, everything, pos,
+                                   jnp.asarray(view_b_content), pos_b, **args)[0]
+    np.testing.assert_allclose(float(one), float((f * p).sum()), rtol=1e-4, atol=1e-7)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # LEAD (paper 003 eq. 2-3)
 # ----------------------------------------------------------------------------------------------------------------

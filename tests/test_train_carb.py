@@ -12,7 +12,8 @@ import pytest
 from conftest import REPO, TINY_FIELDS, losses, run_main, train_here
 from sce_mae_jax import carb, splits
 from sce_mae_jax.config_lib import ABLATIONS
-from sce_mae_jax.data import pipeline
+from sce_mae_jax.data import device_augment as device_augment_lib, pipeline
+from sce_mae_jax.errors import ConfigError
 from sce_mae_jax.models.vit import ViT
 from sce_mae_jax.train import carb as carb_train
 from sce_mae_jax.train import common, split_inputs
@@ -82,21 +83,27 @@ def _backbone_and_images(batch=2, seed=0):
     return vit, vit.init(jax.random.PRNGKey(1), images)['params'], images
 
 
-@pytest.mark.parametrize('ablation', sorted(ABLATIONS))
-def test_every_ablation_runs_one_step(ablation):
-    config = _config(f'ablation={ablation}', batch_size=2)
+def _one_step(config, image_size=96):
+    """One jitted stage-2 step on random uint8 images: (metrics, the projector's largest parameter change)."""
     encoder, projector, tx, schedule, _ = carb_train.build(config, 100)
     backbone = _backbone_and_images()[1]
     state = carb_train.init_state(projector, tx, 0, 144, 48)
-    batch = {'image': jnp.asarray(np.random.default_rng(0).integers(0, 255, (2, 96, 96, 3)), jnp.uint8)}
+    images = np.random.default_rng(0).integers(0, 255, (2, image_size, image_size, 3))
     step = jax.jit(functools.partial(carb_train.train_step, encoder=encoder, projector=projector, tx=tx,
                                      schedule=schedule, config=config))
-    new_state, metrics = step(state, backbone, batch)
+    new_state, metrics = step(state, backbone, {'image': jnp.asarray(images, jnp.uint8)})
+    moved = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), state['params'], new_state['params'])
+    return metrics, max(jax.tree.leaves(moved))
+
+
+@pytest.mark.parametrize('ablation', sorted(ABLATIONS))
+def test_every_ablation_runs_one_step(ablation):
+    config = _config(f'ablation={ablation}', batch_size=2)
+    metrics, moved = _one_step(config)
     assert np.isfinite(float(metrics['loss']))
     if config.carb.objective == 'lcr':
         assert float(metrics['num_selected']) == (144 if not config.carb.clustering else 15 + 4)
-    moved = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), state['params'], new_state['params'])
-    assert max(jax.tree.leaves(moved)) > 0
+    assert moved > 0
 
 
 def test_mode_a_equals_dropping_tokens():
@@ -177,6 +184,30 @@ def test_stage2_augmentation():
     assert not np.array_equal(a, cl({'image': image}, np.random.default_rng(2))['image'])
     with pytest.raises(ValueError, match='input.augment'):
         pipeline.stage2_augment(96, 'heavy')
+
+
+def test_cross_view_step_crops_two_views_and_trains():
+    """carb.cross_view_shift: the step crops view B from the 136-px batch moved by whole tokens, and the loss
+    between the views moves the projector; settings it cannot honour are one clear error."""
+    moved = device_augment_lib.shifted_crops(jnp.arange(2 * 136 * 136 * 3).reshape(2, 136, 136, 3), 96,
+                                             jnp.asarray([[0, 0], [-16, 8]]))
+    full = np.arange(2 * 136 * 136 * 3).reshape(2, 136, 136, 3)
+    np.testing.assert_array_equal(moved[0], full[0, 20:116, 20:116])
+    np.testing.assert_array_equal(moved[1], full[1, 4:100, 28:124])
+    config = _config(batch_size=2)
+    config.carb.cross_view_shift = 2
+    config.input.device_augment = True
+    carb_train.validate(config)
+    metrics, moved = _one_step(config, image_size=136)
+    assert np.isfinite(float(metrics['loss'])) and 0 < float(metrics['num_selected']) <= 19 and moved > 0
+    for field, value in (('input.device_augment', False), ('input.flip', True), ('carb.cross_view_shift', 3)):
+        bad = _config()
+        bad.carb.cross_view_shift = 2
+        bad.input.device_augment = True
+        group, name = field.split('.')
+        bad[group][name] = value
+        with pytest.raises(ConfigError, match='cross_view_shift'):
+            carb_train.validate(bad)
 
 
 def test_missing_init_from_is_a_clear_error(tmp_path):

@@ -93,6 +93,13 @@ def center_crop(images: jax.Array, size: int) -> jax.Array:
     return images[:, top:top + size, left:left + size]
 
 
+def shifted_crops(images: jax.Array, size: int, moves: jax.Array) -> jax.Array:
+    """Each image's `center_crop` moved by its row of `moves` (B, 2), whole pixels (row, column)."""
+    top, left = (images.shape[1] - size) // 2, (images.shape[2] - size) // 2
+    return jax.vmap(lambda image, move: jax.lax.dynamic_slice(
+        image, (top + move[0], left + move[1], 0), (size, size, image.shape[-1])))(images, moves)
+
+
 def pretrain(key: jax.Array, images: jax.Array, *, size: int, scale=(0.2, 1.0), flip: bool = True) -> jax.Array:
     """Stage 1's augmentation (`pipeline.pretrain_augment`): random resized crop to `size`, then the flip."""
     k_box, k_flip = jax.random.split(key)

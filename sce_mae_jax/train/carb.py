@@ -20,7 +20,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 from sce_mae_jax import carb, fileio, figures, workdir as workdir_lib
-from sce_mae_jax.data import device_augment as device_augment_lib, pipeline
+from sce_mae_jax.data import device_augment as device_augment_lib, pipeline, preprocess
 from sce_mae_jax.errors import ConfigError
 from sce_mae_jax.models.heads import (PROJECTOR_ACTIVATIONS, Projector, channel_support, descriptor_map,
                                       token_pixels)
@@ -126,8 +126,14 @@ def stage2_loss(proj_params, feats, *, projector: Projector, config, positions):
     att, sel, pos = feats['attentive'], feats['selected'], positions
     if cc.gather_selected:
         proj, att, sel, pos = gather_selected(proj, att, sel, positions, selected_size(cc, proj.shape[1]))
-    loss, aux = carb.lcr_loss(proj, sel, att, pos, tau=config.lcr.tau, rep=tuple(config.lcr.rep),
-                              locality=config.lcr.locality)
+    if 'view_b' in feats:
+        proj_b, _ = token_descriptors(proj_params, {'raw': feats['view_b'], 'tokens': feats['view_b']},
+                                      projector=projector, cc=cc, image_size=config.model.image_size)
+        loss, aux = carb.cross_view_lcr_loss(proj, sel, att, pos, proj_b, feats['positions_b'], tau=config.lcr.tau,
+                                             rep=tuple(config.lcr.rep), locality=config.lcr.locality)
+    else:
+        loss, aux = carb.lcr_loss(proj, sel, att, pos, tau=config.lcr.tau, rep=tuple(config.lcr.rep),
+                                  locality=config.lcr.locality)
     return loss, {'num_selected': aux['num_selected'].mean(), 'p_self': aux['p_self'].mean(), **support}
 
 
@@ -160,6 +166,13 @@ def validate(config) -> None:
         problems.append(f'carb.projector_map={cc.projector_map!r} must be one of {PROJECTOR_MAPS}')
     if config.input.get('augment', 'none') not in pipeline.STAGE2_AUGMENTATIONS:
         problems.append(f'input.augment={config.input.augment!r} must be one of {pipeline.STAGE2_AUGMENTATIONS}')
+    shift = cc.get('cross_view_shift', 0)
+    room = (preprocess.OUT_SIZE - m.image_size) // 2 // m.patch_size
+    if shift and not (0 < shift <= room and cc.objective == 'lcr' and config.input.device_augment
+                      and config.input.get('augment', 'none') == 'none' and not config.input.flip):
+        problems.append(f'carb.cross_view_shift={shift} needs carb.objective=lcr, input.device_augment=True (the '
+                        f'step crops both views from the {preprocess.OUT_SIZE}-px image), input.augment=none, '
+                        f'input.flip=False, and at most {room} tokens of room around the centre crop')
     if len(config.lcr.rep) != 3:
         problems.append(f'lcr.rep={config.lcr.rep} must be three numbers (att-att, att-inatt, inatt-inatt)')
     if problems:
@@ -222,9 +235,16 @@ def train_step(state, backbone, batch, split_aux=None, *, encoder, projector, tx
     if augment is not None:
         images = augment(jax.random.fold_in(jax.random.fold_in(state['rng'], state['step']), 1), images)
     images = pipeline.normalize(images, encoder.dtype)
-    feats = jax.lax.stop_gradient(carb_features(backbone, images, encoder=encoder, cc=config.carb,
-                                                split_aux=split_aux, mae=mae))
+    feats = carb_features(backbone, images, encoder=encoder, cc=config.carb, split_aux=split_aux, mae=mae)
     positions = carb.token_positions(encoder.grid, encoder.grid, encoder.patch_size)
+    shift = config.carb.get('cross_view_shift', 0)
+    if shift:  # a second view: the same face moved by up to `shift` tokens each way (cross_view_lcr_loss)
+        key = jax.random.fold_in(jax.random.fold_in(state['rng'], state['step']), 2)
+        moves = jax.random.randint(key, (images.shape[0], 2), -shift, shift + 1) * encoder.patch_size
+        view_b = device_augment_lib.shifted_crops(batch['image'], encoder.image_size, moves)
+        feats['view_b'] = encoder.apply({'params': backbone}, pipeline.normalize(view_b, encoder.dtype))['tokens']
+        feats['positions_b'] = positions[None] + moves[:, None, :].astype(jnp.float32)
+    feats = jax.lax.stop_gradient(feats)
     loss_fn = functools.partial(stage2_loss, projector=projector, config=config, positions=positions)
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state['params'], feats)
     updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
