@@ -65,10 +65,13 @@ def test_rows_report_figures_and_stored_rerun(full_run):
     # the sin-cos table is the same map for every image: all of its variance is place
     assert results['matching']['positions']['positional'] == pytest.approx(1.0, abs=1e-6)
     assert results['matching']['pixels']['positional'] < 0.5
+    assert sorted(results['geometry']) == sorted(('same_place', 'face_translation', 'face_similarity'))
+    for ref in results['geometry'].values():
+        assert set(ref) == {'same', 'diff'} and all(0 <= v < 70 for v in ref.values())
     meta = results['meta']['matching']
     assert meta['pairs'] == 12 and meta['stride'] == 4 and meta['command'].startswith('python -m sce_mae_jax.main')
     report = (wd / 'report.md').read_text()
-    assert '| `sce_mae` |' in report and 'Table 1' in report
+    assert '| `sce_mae` |' in report and 'Table 1' in report and '| `face_similarity` |' in report
     for png in ('matches', 'similarity', 'tsne'):
         assert (wd / 'figures' / f'{png}.png').stat().st_size > 1000
         assert f'figures/{png}.png' in report
@@ -96,6 +99,10 @@ def test_pixels_and_positions_match_exactly_on_unwarped_pairs(workdirs, tmp_path
     got = _matching(tmp_path / 'ev')
     assert {r: {k: got[r][k] for k in ('same', 'diff')} for r in got} == \
         {r: {'same': 0.0, 'diff': 0.0} for r in ('pixels', 'positions')}
+    with open(tmp_path / 'ev' / 'results.json') as f:
+        geometry = json.load(f)['geometry']
+    assert geometry['same_place'] == {'same': 0.0, 'diff': 0.0}  # so are the references
+    assert all(v < 1e-4 for ref in geometry.values() for v in ref.values())
 
 
 def test_positional_share_is_one_for_a_position_code_and_zero_for_a_place_free_one():

@@ -57,3 +57,22 @@ def test_raw_pixel_features():
     x = imgs.astype(np.float32)
     z = (x - x.mean((1, 2), keepdims=True)) / x.std((1, 2), keepdims=True)
     np.testing.assert_allclose(feats[..., 12:15], z, atol=1e-4)
+
+
+def test_geometry_references_recover_the_transform_they_fit():
+    """A target that is the source moved / moved, turned and scaled: the reference that fits that transform
+    lands on it exactly, the simpler ones do not; `same_place` is the source's pixel."""
+    rng = np.random.default_rng(3)
+    src = rng.uniform(20, 70, (4, 5, 2))
+    shift = rng.uniform(-10, 10, (4, 1, 2))
+    moved = metrics.geometry_predictions(src, src + shift)
+    np.testing.assert_allclose(moved['face_translation'], src + shift, atol=1e-9)
+    np.testing.assert_allclose(moved['face_similarity'], src + shift, atol=1e-9)
+    np.testing.assert_array_equal(moved['same_place'], src)
+    theta, scale = 0.4, 1.3
+    rot = scale * np.array([[np.cos(theta), -np.sin(theta)], [np.sin(theta), np.cos(theta)]])
+    tgt = src @ rot.T + shift
+    posed = metrics.geometry_predictions(src, tgt)
+    np.testing.assert_allclose(posed['face_similarity'], tgt, atol=1e-9)
+    assert np.abs(posed['face_translation'] - tgt).max() > 1.0
+    assert set(posed) == {'same_place', 'face_translation', 'face_similarity'}

@@ -20,7 +20,7 @@ from absl import logging
 from sce_mae_jax import progress
 from sce_mae_jax.evals import features
 from sce_mae_jax.carb import l2_normalize
-from sce_mae_jax.evals.metrics import match_points, pixel_errors
+from sce_mae_jax.evals.metrics import geometry_predictions, match_points, pixel_errors
 from sce_mae_jax import workdir as workdir_lib
 
 
@@ -104,6 +104,17 @@ def summarize(totals: dict) -> dict[str, float]:
     `positional_share`}, a kind without pairs left out."""
     out = {k: float(totals[f"{k}_sum"]) / float(totals[f"{k}_n"]) for k in ("same", "diff") if totals[f"{k}_n"]}
     out["positional"] = positional_share(totals["unit_sum"], totals["images"])
+    return out
+
+
+def geometry_table(pairs: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
+    """{reference: {"same", "diff"}}: the errors (70-px frame) of `metrics.geometry_predictions` on the pairs,
+    what a matcher that sees only where the faces are would score; report.md prints them under the rows."""
+    kind = np.asarray(pairs["kind"])
+    out = {}
+    for name, pred in geometry_predictions(pairs["src_landmarks"], pairs["tgt_landmarks"]).items():
+        err = np.asarray(pixel_errors(pred, pairs["tgt_landmarks"])).mean(-1)
+        out[name] = {k: float(err[kind == i].mean()) for k, i in (("same", 0), ("diff", 1)) if np.any(kind == i)}
     return out
 
 
@@ -194,5 +205,5 @@ def run(config, workdir: str) -> dict:
     meta = {"fingerprint": fp, "rows": {r.name: r.source for r in rows}, "skipped_rows": skipped,
             "pairs": n_pairs, "pairs_from": pairs_from, "data": config.data, "stride": config.features.stride,
             "block": config.features.block, "figures": figs, "config": json.loads(config.to_json_best_effort())}
-    return report.update(workdir, {"matching": table, "silhouette": silhouette, "premise": premise}, "matching",
-                         meta)
+    return report.update(workdir, {"matching": table, "geometry": geometry_table(pairs), "silhouette": silhouette,
+                                   "premise": premise}, "matching", meta)

@@ -3,7 +3,8 @@ them from here, and nothing here imports an evaluation back.
 
 - Landmark matching (Table 1): `match_points` (CL's rule: the query is the L2-normalised feature at the source
   landmark's *rounded* pixel, the prediction the target pixel of highest cosine similarity) and `pixel_errors`,
-  reported in a 70-px frame: CL measures at 96 px and scales by 69/95 (the (size - 1) ratio of the two frames).
+  reported in a 70-px frame: CL measures at 96 px and scales by 69/95 (the (size - 1) ratio of the two frames);
+  `geometry_predictions`, what the pairs allow a matcher that sees only where the faces are.
 - Landmark detection (Tables 2 and 3): `iod_error`, the error in % of the inter-ocular distance.
 - The t-SNE figure's `silhouette` of the landmark descriptors.
 - CARB's premise (paper 001 §3.2): `split_stats` of an attentive split against the landmark cells.
@@ -50,6 +51,28 @@ def pixel_errors(pred: jax.Array, gt: jax.Array, frame: int = 96, report_frame: 
 def mean_pixel_error(pred: jax.Array, gt: jax.Array, frame: int = 96, report_frame: int = 70) -> float:
     """Mean over all pairs and landmarks of the error in the 70-px frame (CL: error at 96 px × 69/95)."""
     return float(jnp.mean(pixel_errors(pred, gt, frame, report_frame)))
+
+
+def geometry_predictions(src: np.ndarray, tgt: np.ndarray) -> dict[str, np.ndarray]:
+    """What matchers that see only where the faces are would predict, from the true points of both images:
+    (N, L, 2) xy x2 → {name: (N, L, 2)}. They read the target's points, so they are references for the pairs,
+    not descriptors: how much of the difference between two faces is where they sit in the frame.
+
+    - `same_place`: the source's pixel (a perfect position code; the `positions` row comes close to it);
+    - `face_translation`: the source's points moved by the faces' mean offset (knows where the face is);
+    - `face_similarity`: the least-squares similarity transform (scale, rotation, shift; Umeyama 1991) of the
+      source's points onto the target's (knows the face's pose; what is left is the faces' own shapes).
+    On aligned faces the three are close, and a position code is as good a matcher as content; a benchmark
+    that measures content needs `same_place` well above the other two (docs/results.md)."""
+    src, tgt = np.asarray(src, np.float64), np.asarray(tgt, np.float64)
+    ms, mt = src.mean(1, keepdims=True), tgt.mean(1, keepdims=True)
+    a, b = src - ms, tgt - mt
+    # complex form of the 2-D Umeyama fit: z_t ≈ s·e^{iθ}·z_s, s·e^{iθ} = Σ conj(z_s)·z_t / Σ |z_s|²
+    za, zb = a[..., 0] + 1j * a[..., 1], b[..., 0] + 1j * b[..., 1]
+    rot = (np.conj(za) * zb).sum(1, keepdims=True) / np.maximum((np.abs(za) ** 2).sum(1, keepdims=True), 1e-12)
+    zs = rot * za
+    return {"same_place": src, "face_translation": a + mt,
+            "face_similarity": np.stack([zs.real, zs.imag], -1) + mt}
 
 
 # ---------------------------------------------------------------------------------------------- detection

@@ -3,6 +3,8 @@
 results.json:
     {"matching":   {ROW: {"same": float, "diff": float,              70-px mean pixel error (paper Table 1),
                           "positional": float}},                     and the descriptors' positional share
+     "geometry":   {REFERENCE: {"same": float, "diff": float}},     the same pairs matched from their true points
+                                                                     by where the faces sit (metrics.py)
      "detection":  {ROW: {DATASET: float}},                          100 × mean error / IOD (paper Table 2)
      "limited":    {ROW: {"1": [mean, std], "5": ..., ...}},         the same, AFLW_M, N annotations (Table 3)
      "silhouette": {ROW: [mean, std]},                               t-SNE of landmark descriptors (Fig. 5)
@@ -213,6 +215,15 @@ def render(results: dict) -> str:
         lines += _table(_with_spread(results['matching']), ['same', 'diff', 'positional'],
                         ['same identity', 'different identity', 'positional share'], {'positional': 3})
         lines += _verdicts(results['matching'], ['same', 'diff'])
+        if 'geometry' in results:
+            g = results['geometry']
+            lines += ['', 'What the pairs allow (references from the true points, not descriptors; '
+                      '`evals/metrics.geometry_predictions`): the source\'s pixel (`same_place`, what a perfect '
+                      'position code scores), the source\'s points moved with the face (`face_translation`) '
+                      'and mapped by the faces\' similarity transform (`face_similarity`). Where `same_place` is '
+                      'not well above the other two, a position code matches as well as content can.', '',
+                      '| reference | same identity | different identity |', '|---|---|---|']
+            lines += [f'| `{r}` | {_fmt(g[r].get("same"))} | {_fmt(g[r].get("diff"))} |' for r in g]
         lines += ['', f'Paper: {PAPER["matching"]}', '']
     if 'silhouette' in results:
         lines += ['## Landmark descriptors (paper Fig. 5)', '',
