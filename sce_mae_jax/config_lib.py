@@ -80,8 +80,9 @@ def mae(size: str, arg: str | None) -> ml_collections.ConfigDict:
                    # custom-VJP LayerNorm·Dense, GELU·Dense and attention (models/fused.py); False: plain autodiff
                    # and jax.nn.dot_product_attention, the same values
                    fused_ops=True,
-                   # the encoder's position embeddings: 'sincos' (MAE's) or 'none' (an ablation: the encoder
-                   # sees content only; the decoder keeps its table; docs/results.md)
+                   # the encoder's position embeddings: 'sincos' (MAE's), 'none' (an ablation: the encoder
+                   # sees content only) or 'rope' (rotary attention between patches: tokens know offsets, not
+                   # places); the decoder keeps its table either way (docs/results.md)
                    position='sincos')
     # random resized crop scale range and horizontal flip; workers: grain worker processes (0: threads in-process);
     # read_threads: grain's read threads per worker (more only for shards on remote storage);
@@ -229,8 +230,9 @@ def eval_matching(arg: str | None) -> ml_collections.ConfigDict:
     c.pairs_seed = 0         # the random thin-plate-spline warps of the generated pairs
     c.pairs_file = ''        # an .npz in data/pairs.py's layout (made elsewhere): used instead of generating
     c.pairs_cache = ''       # where generated pairs are stored ('' = ~/.cache/sce_mae_jax/pairs)
-    # pairs shown in figures/matches.png and similarity.png (0: no figures); images and runs of the t-SNE
-    c.figures = dict(pairs=4, tsne_images=200, tsne_runs=3)
+    # pairs shown in figures/matches.png and similarity.png (0: no figures); images, runs and gradient steps of
+    # the t-SNE (scikit-learn's max_iter: 1000 is its default, 250 its least)
+    c.figures = dict(pairs=4, tsne_images=200, tsne_runs=3, tsne_iters=1000)
     # the CLS-attention premise (eq. 1) on the target faces, per block, for the rows without a projector
     c.premise = dict(images=128, eta=0.1)
     return c

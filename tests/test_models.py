@@ -134,6 +134,65 @@ def test_encoder_without_positions_sees_content_not_place():
         ViT(embed_dim=48, depth=1, num_heads=2, position='learned').init(jax.random.PRNGKey(0), x)
 
 
+def _window_tokens(vit, params, x, r0, c0, size=4):
+    """Final tokens and CLS when only the size x size window of patches at (r0, c0) exists (the rest hidden from
+    attention), the window's tokens in row-major order."""
+    rows, cols = np.meshgrid(np.arange(r0, r0 + size), np.arange(c0, c0 + size), indexing='ij')
+    idx = (rows * 12 + cols).reshape(-1)
+    visible = np.zeros((1, 145), bool)
+    visible[0, 0] = visible[0, 1 + idx] = True
+    h = vit.apply({'params': params}, x, method=lambda m, im: m.prepend_cls(m.embed(im)))
+    h, _, _ = vit.apply({'params': params}, h, key_mask=jnp.asarray(visible), method=ViT.blocks_forward)
+    h = vit.apply({'params': params}, h, method=ViT.final_norm)
+    return np.asarray(h[0, 1 + idx]), np.asarray(h[0, 0])
+
+
+def test_rope_encoder_knows_offsets_not_places():
+    """position='rope': the same patches moved elsewhere on the grid give the same tokens and the same CLS
+    (attention sees only offsets, CLS included); with MAE's table they differ. Swapping two patches (a change of
+    offsets) does change them, unlike position='none'."""
+    rng = np.random.default_rng(7)
+    content = rng.normal(size=(32, 32, 3)).astype(np.float32)
+    here, there = np.zeros((1, 96, 96, 3), np.float32), np.zeros((1, 96, 96, 3), np.float32)
+    here[0, 8:40, 16:48], there[0, 48:80, 56:88] = content, content  # patch window (1, 2) and (6, 7)
+    for position, invariant in (('rope', True), ('sincos', False)):
+        vit = ViT(embed_dim=48, depth=2, num_heads=2, position=position)
+        params = vit.init(jax.random.PRNGKey(0), jnp.asarray(here))['params']
+        (a, cls_a), (b, cls_b) = (_window_tokens(vit, params, jnp.asarray(im), *rc)
+                                  for im, rc in ((here, (1, 2)), (there, (6, 7))))
+        assert np.allclose(a, b, atol=1e-4) == invariant and np.allclose(cls_a, cls_b, atol=1e-4) == invariant
+    vit = ViT(embed_dim=48, depth=2, num_heads=2, position='rope')
+    params = vit.init(jax.random.PRNGKey(0), jnp.asarray(here))['params']
+    swapped = here.copy()
+    swapped[0, 8:16, 16:32] = np.concatenate([here[0, 8:16, 24:32], here[0, 8:16, 16:24]], axis=1)
+    a, _ = _window_tokens(vit, params, jnp.asarray(here), 1, 2)
+    b, _ = _window_tokens(vit, params, jnp.asarray(swapped), 1, 2)
+    assert not np.allclose(a[[1, 0, *range(2, 16)]], b, atol=1e-3)
+    with pytest.raises(ValueError, match='divisible by 4'):
+        ViT(embed_dim=36, depth=1, num_heads=2, position='rope').init(jax.random.PRNGKey(0), jnp.asarray(here))
+
+
+def test_rope_mae_encodes_visible_patches_at_their_places():
+    """MAE's encoder on the visible patches alone (gathered in noise order) gives the tokens of the full encoder
+    with the removed patches hidden from attention: the visible tokens' rotary angles follow their grid indices."""
+    mae = _tiny_mae(position='rope')
+    rng = np.random.default_rng(8)
+    x = jnp.asarray(rng.normal(size=(2, 96, 96, 3)), jnp.float32)
+    noise = jnp.asarray(rng.uniform(size=(2, 144)), jnp.float32)
+    params = mae.init(jax.random.PRNGKey(0), x, noise=noise)['params']
+    latent, _, mask = mae.apply({'params': params}, x, noise, method=MAE.encode_visible)
+    ids_keep = np.asarray(random_masking_ids(noise, 0.75)[0])
+    vit = ViT(embed_dim=48, depth=2, num_heads=2, position='rope')
+    enc = {'params': params['encoder']}
+    h = vit.apply(enc, x, method=lambda m, im: m.prepend_cls(m.embed(im)))
+    visible = jnp.concatenate([jnp.ones((2, 1), bool), jnp.asarray(mask) == 0], axis=1)
+    h, _, _ = vit.apply(enc, h, key_mask=visible, method=ViT.blocks_forward)
+    full = np.asarray(vit.apply(enc, h, method=ViT.final_norm))
+    np.testing.assert_allclose(np.asarray(latent[:, 1:]), np.take_along_axis(full[:, 1:], ids_keep[..., None], 1),
+                               atol=1e-4)
+    np.testing.assert_allclose(np.asarray(latent[:, 0]), full[:, 0], atol=1e-4)
+
+
 def test_bfloat16_compute_keeps_float32_parameters():
     model = _tiny_mae(dtype='bfloat16')
     x = jnp.asarray(np.random.default_rng(5).normal(size=(2, 96, 96, 3)), jnp.float32)

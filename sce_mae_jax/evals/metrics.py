@@ -89,9 +89,10 @@ def iod_error(pred_px: jax.Array, gt_px: jax.Array, iod_indices: tuple[int, int]
 
 
 # ---------------------------------------------------------------------------------------------- descriptors
-def silhouette(desc: np.ndarray, runs: int) -> tuple[list[float], np.ndarray, np.ndarray]:
+def silhouette(desc: np.ndarray, runs: int, iters: int = 1000) -> tuple[list[float], np.ndarray, np.ndarray]:
     """([mean, std] over `runs` t-SNE seeds of the silhouette coefficient of the 2-D embedding labelled by
-    landmark, the first run's embedding, the labels)."""
+    landmark, the first run's embedding, the labels); `iters` gradient steps per run (scikit-learn's max_iter,
+    at least 250)."""
     from sklearn.manifold import TSNE
     from sklearn.metrics import silhouette_score
 
@@ -102,7 +103,7 @@ def silhouette(desc: np.ndarray, runs: int) -> tuple[list[float], np.ndarray, np
     for seed in range(runs):
         # random init: with PCA init the seed would not change the embedding, and the spread is the point
         emb = TSNE(n_components=2, perplexity=min(30.0, (len(x) - 1) / 3), init='random',
-                   random_state=seed).fit_transform(x)
+                   random_state=seed, max_iter=iters).fit_transform(x)
         first = emb if first is None else first
         scores.append(float(silhouette_score(emb, labels)))
     return [float(np.mean(scores)), float(np.std(scores))], first, labels

@@ -230,7 +230,8 @@ def matching_figures(workdir: str, pairs: dict, rows, fns: dict, fc, mesh) -> tu
         pred, sim, desc = programs[key](backbone, proj, *inputs)
         preds[row.name], sims[row.name] = np.asarray(pred)[:k], np.asarray(sim)
         if n_tsne and fc.tsne_runs:
-            scores[row.name], embeds[row.name], labels = silhouette(np.asarray(desc), int(fc.tsne_runs))
+            scores[row.name], embeds[row.name], labels = silhouette(np.asarray(desc), int(fc.tsne_runs),
+                                                                       int(fc.tsne_iters))
             logging.info('matching %s: t-SNE silhouette %.3f ± %.3f', row.name, *scores[row.name])
     figs = []
     if jax.process_index() == 0:

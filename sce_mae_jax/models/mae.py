@@ -89,7 +89,7 @@ class MAE(nn.Module):
         ids_keep, ids_restore, mask = random_masking_ids(noise, self.mask_ratio)
         x = jnp.take_along_axis(x, ids_keep[..., None], axis=1)
         x = self.encoder.prepend_cls(x)
-        x, _, _ = self.encoder.blocks_forward(x)
+        x, _, _ = self.encoder.blocks_forward(x, keep=ids_keep)
         return self.encoder.final_norm(x), ids_restore, mask
 
     def decode(self, latent, ids_restore):

@@ -55,6 +55,53 @@ def sincos_init(grid_h: int, grid_w: int):
     return init
 
 
+ROPE_BASE = 100.0  # the axial 2-D RoPE of Heo et al. (ECCV 2024) for ViTs; 100, not 10,000, for a 12x12 grid
+
+
+def rope_angles(coords: jax.Array, head_dim: int) -> jax.Array:
+    """Rotary angles of patch tokens from their grid coordinates (..., 2) as (row, column): (..., head_dim/2).
+
+    The first quarter of each head's channel pairs turns with the column and the second with the row, so a
+    query·key product depends on the two tokens' offset on the grid only, never on where they are.
+    """
+    if head_dim % 4:
+        raise ValueError(f'position=rope needs a head width divisible by 4, got {head_dim}')
+    freqs = ROPE_BASE ** (-jnp.arange(head_dim // 4, dtype=jnp.float32) / (head_dim // 4))
+    coords = coords.astype(jnp.float32)
+    return jnp.concatenate([coords[..., 1:2] * freqs, coords[..., 0:1] * freqs], axis=-1)
+
+
+def rotate(x: jax.Array, angles: jax.Array) -> jax.Array:
+    """Rotates channel pairs (i, i + hd/2) of x (batch, T, heads, hd) by angles (batch, T, hd/2)."""
+    cos, sin = jnp.cos(angles)[:, :, None], jnp.sin(angles)[:, :, None]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    return jnp.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1).astype(x.dtype)
+
+
+def rope_attention(q, k, v, key_mask, scale, angles):
+    """softmax(q·kᵀ·scale) v with rotary q·k between patches; CLS's logits, as query and as key, unrotated.
+
+    A rotated CLS would sit at some place (angle 0 is the corner) and hand every patch its absolute position
+    through the CLS-patch logits: with only patch-patch pairs rotated, nothing in the encoder depends on where
+    the patches are, only on their offsets (tests/test_models.py). Plain autodiff: an ablation's small models.
+    """
+    qr, kr = rotate(q, angles), rotate(k, angles)
+    logits = jnp.einsum('bqhd,bkhd->bhqk', qr, kr, preferred_element_type=jnp.float32)
+    to_cls = jnp.einsum('bqhd,bhd->bhq', q, k[:, 0], preferred_element_type=jnp.float32)
+    from_cls = jnp.einsum('bhd,bkhd->bhk', q[:, 0], k, preferred_element_type=jnp.float32)
+    logits = logits.at[:, :, :, 0].set(to_cls).at[:, :, 0, :].set(from_cls) * scale
+    if key_mask is not None:
+        logits = jnp.where(key_mask[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    return jnp.einsum('bhqk,bkhd->bqhd', probs, v)
+
+
+def grid_coords(grid: int) -> np.ndarray:
+    """(grid², 2) (row, column) of the patch tokens in row-major order."""
+    rows, cols = np.meshgrid(np.arange(grid), np.arange(grid), indexing='ij')
+    return np.stack([rows.reshape(-1), cols.reshape(-1)], axis=1)
+
+
 def patchify(images: jax.Array, patch: int) -> jax.Array:
     """(batch, H, W, C) → (batch, N, patch·patch·C); N row-major, each patch ordered (row, column, channel)."""
     b, h, w, c = images.shape
@@ -113,15 +160,17 @@ class Attention(nn.Module):
     fused_ops: bool = True
 
     @nn.compact
-    def __call__(self, x, norm, key_mask=None, return_cls_logits=False):
-        """x: the block's input tokens, before the LayerNorm whose (scale, bias) is `norm`."""
+    def __call__(self, x, norm, key_mask=None, return_cls_logits=False, angles=None):
+        """x: the block's input tokens, before the LayerNorm whose (scale, bias) is `norm`; `angles`
+        (batch, T, hd/2): rotary angles of q and k (`rope_angles`), None for none."""
         ops = fused.select(self.fused_ops)
         b, t, d = x.shape
         hd = d // self.num_heads
         qkv = ops.norm_dense(x, *norm, *_DenseParams(d, 3 * d, self.dtype, name='qkv')(), LN_EPS)
         q, k, v = jnp.moveaxis(qkv.reshape(b, t, 3, self.num_heads, hd), 2, 0)
         scale = 1.0 / np.sqrt(hd)
-        out = ops.attention(q, k, v, key_mask, scale)
+        out = (ops.attention(q, k, v, key_mask, scale) if angles is None
+               else rope_attention(q, k, v, key_mask, scale, angles))
         out = nn.Dense(d, dtype=self.dtype, kernel_init=xavier, name='proj')(out.reshape(b, t, d))
         if not return_cls_logits:
             return out, None
@@ -154,17 +203,17 @@ class Block(nn.Module):
     fused_ops: bool = True
 
     @nn.compact
-    def __call__(self, x, key_mask=None, return_cls_logits=False):
+    def __call__(self, x, key_mask=None, return_cls_logits=False, angles=None):
         d = x.shape[-1]
         h, cls_logits = Attention(self.num_heads, self.dtype, self.fused_ops, name='attn')(
-            x, _LayerNormParams(d, name='norm1')(), key_mask, return_cls_logits)
+            x, _LayerNormParams(d, name='norm1')(), key_mask, return_cls_logits, angles)
         x = x + h
         mlp = Mlp(int(d * self.mlp_ratio), self.dtype, self.fused_ops, name='mlp')
         x = x + mlp(x, _LayerNormParams(d, name='norm2')())
         return x, cls_logits
 
 
-POSITIONS = ('sincos', 'none')
+POSITIONS = ('sincos', 'none', 'rope')
 
 
 class ViT(nn.Module):
@@ -183,7 +232,8 @@ class ViT(nn.Module):
     dtype: Any = jnp.float32
     fused_ops: bool = True  # custom-VJP operations (models/fused.py) or plain autodiff; same parameters
     # 'sincos': MAE's fixed table; 'none': a zero table, tokens know their content and not their place (an
-    # ablation, docs/results.md; the parameter stays, so checkpoints keep one layout)
+    # ablation, docs/results.md; the parameter stays, so checkpoints keep one layout); 'rope': a zero table and
+    # rotary q·k (`rope_angles`): attention knows how far apart two tokens are, no token knows where it is
     position: str = 'sincos'
 
     @property
@@ -206,6 +256,9 @@ class ViT(nn.Module):
         if self.position not in POSITIONS:
             raise ValueError(f'position={self.position!r}: expected one of {POSITIONS}')
         init = sincos_init(self.grid, self.grid) if self.position == 'sincos' else nn.initializers.zeros
+        if self.position == 'rope' and (self.embed_dim // self.num_heads) % 4:
+            raise ValueError(f'position=rope needs a head width (embed_dim / num_heads) divisible by 4, got '
+                             f'{self.embed_dim}/{self.num_heads}')
         self.pos_embed = self.param('pos_embed', init, (1, self.num_patches + 1, self.embed_dim))
         self.blocks = [Block(self.num_heads, self.mlp_ratio, self.dtype, self.fused_ops, name=f'blocks_{i}')
                        for i in range(self.depth)]
@@ -223,19 +276,29 @@ class ViT(nn.Module):
         return jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, self.embed_dim)), x], axis=1)
 
     def blocks_forward(self, x, start: int = 0, stop: int | None = None, key_mask=None,
-                       capture: Sequence[int] = ()):
-        """Runs blocks[start:stop] on (batch, T, D) tokens (CLS first).
+                       capture: Sequence[int] = (), keep=None):
+        """Runs blocks[start:stop] on (batch, T, D) tokens (CLS first): all N patches in row-major order, or
+        with `keep` (batch, T−1) the indices of the patches that x holds (MAE's visible tokens; only
+        position=rope reads it).
 
         Returns (x, outputs, cls_logits): `outputs[i]` is the token sequence after block i and `cls_logits[i]`
         the CLS-query logits (batch, heads, T−1) of block i's attention, for every i in `capture`.
         """
         stop = self.depth if stop is None else stop
+        angles = self.rope(x.shape[0], keep) if self.position == 'rope' else None
         outputs, cls_logits = {}, {}
         for i in range(start, stop):
-            x, logits = self.blocks[i](x, key_mask, i in capture)
+            x, logits = self.blocks[i](x, key_mask, i in capture, angles)
             if i in capture:
                 outputs[i], cls_logits[i] = x, logits
         return x, outputs, cls_logits
+
+    def rope(self, batch: int, keep=None):
+        """Rotary angles (batch, 1 + T, hd/2) of CLS (unused: `rope_attention`) and the patches."""
+        coords = jnp.asarray(grid_coords(self.grid))
+        coords = jnp.broadcast_to(coords, (batch, *coords.shape)) if keep is None else coords[keep]
+        angles = rope_angles(coords, self.embed_dim // self.num_heads)
+        return jnp.concatenate([jnp.zeros_like(angles[:, :1]), angles], axis=1)
 
     def final_norm(self, x):
         return self.norm(x)
