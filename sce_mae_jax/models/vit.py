@@ -62,10 +62,9 @@ def rope_angles(coords: jax.Array, head_dim: int) -> jax.Array:
     """Rotary angles of patch tokens from their grid coordinates (..., 2) as (row, column): (..., head_dim/2).
 
     The first quarter of each head's channel pairs turns with the column and the second with the row, so a
-    query·key product depends on the two tokens' offset on the grid only, never on where they are.
+    query·key product depends on the two tokens' offset on the grid only, never on where they are. `head_dim`
+    must be a multiple of 4 (`ViT` checks).
     """
-    if head_dim % 4:
-        raise ValueError(f'position=rope needs a head width divisible by 4, got {head_dim}')
     freqs = ROPE_BASE ** (-jnp.arange(head_dim // 4, dtype=jnp.float32) / (head_dim // 4))
     coords = coords.astype(jnp.float32)
     return jnp.concatenate([coords[..., 1:2] * freqs, coords[..., 0:1] * freqs], axis=-1)
