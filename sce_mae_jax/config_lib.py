@@ -81,8 +81,9 @@ def mae(size: str, arg: str | None) -> ml_collections.ConfigDict:
                    # and jax.nn.dot_product_attention, the same values
                    fused_ops=True,
                    # the encoder's position embeddings: 'sincos' (MAE's), 'none' (an ablation: the encoder
-                   # sees content only) or 'rope' (rotary attention between patches: tokens know offsets, not
-                   # places); the decoder keeps its table either way (docs/results.md)
+                   # sees content only), 'rope' (rotary attention between patches: tokens know offsets, not
+                   # places) or 'rope_cyclic' (offsets modulo the grid: no border either); the decoder keeps
+                   # its table either way (docs/results.md)
                    position='sincos')
     # random resized crop scale range and horizontal flip; workers: grain worker processes (0: threads in-process);
     # read_threads: grain's read threads per worker (more only for shards on remote storage);

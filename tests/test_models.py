@@ -172,6 +172,20 @@ def test_rope_encoder_knows_offsets_not_places():
         ViT(embed_dim=36, depth=1, num_heads=2, position='rope').init(jax.random.PRNGKey(0), jnp.asarray(here))
 
 
+def test_cyclic_rope_grid_is_a_torus():
+    """position='rope_cyclic': rolling the image by whole patches rolls its tokens, unchanged, and leaves CLS as
+    it was, border included (offsets count modulo the grid); with plain rotary offsets the border tells."""
+    x = jnp.asarray(np.random.default_rng(9).normal(size=(1, 96, 96, 3)), jnp.float32)
+    rolled = jnp.roll(x, (3 * 8, 5 * 8), axis=(1, 2))
+    for position, torus in (('rope_cyclic', True), ('rope', False)):
+        vit = ViT(embed_dim=48, depth=2, num_heads=2, position=position)
+        params = vit.init(jax.random.PRNGKey(0), x)['params']
+        a, b = (vit.apply({'params': params}, im) for im in (x, rolled))
+        grid = lambda t: t['tokens'].reshape(1, 12, 12, 48)
+        assert np.allclose(jnp.roll(grid(a), (3, 5), axis=(1, 2)), grid(b), atol=1e-4) == torus, position
+        assert np.allclose(a['cls'], b['cls'], atol=1e-4) == torus, position
+
+
 def test_rope_mae_encodes_visible_patches_at_their_places():
     """MAE's encoder on the visible patches alone (gathered in noise order) gives the tokens of the full encoder
     with the removed patches hidden from attention: the visible tokens' rotary angles follow their grid indices."""

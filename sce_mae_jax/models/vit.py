@@ -58,14 +58,18 @@ def sincos_init(grid_h: int, grid_w: int):
 ROPE_BASE = 100.0  # the axial 2-D RoPE of Heo et al. (ECCV 2024) for ViTs; 100, not 10,000, for a 12x12 grid
 
 
-def rope_angles(coords: jax.Array, head_dim: int) -> jax.Array:
+def rope_angles(coords: jax.Array, head_dim: int, period: int | None = None) -> jax.Array:
     """Rotary angles of patch tokens from their grid coordinates (..., 2) as (row, column): (..., head_dim/2).
 
     The first quarter of each head's channel pairs turns with the column and the second with the row, so a
     query·key product depends on the two tokens' offset on the grid only, never on where they are. `head_dim`
-    must be a multiple of 4 (`ViT` checks).
+    must be a multiple of 4 (`ViT` checks). With `period` (the grid's side) every frequency is a whole number of
+    turns per period, so offsets count modulo the grid: the grid becomes a torus, with no border to tell a
+    token where it is.
     """
-    freqs = ROPE_BASE ** (-jnp.arange(head_dim // 4, dtype=jnp.float32) / (head_dim // 4))
+    m = jnp.arange(head_dim // 4, dtype=jnp.float32)
+    freqs = (ROPE_BASE ** (-m / (head_dim // 4)) if period is None
+             else 2 * np.pi * (1 + m % (period // 2)) / period)
     coords = coords.astype(jnp.float32)
     return jnp.concatenate([coords[..., 1:2] * freqs, coords[..., 0:1] * freqs], axis=-1)
 
@@ -212,7 +216,7 @@ class Block(nn.Module):
         return x, cls_logits
 
 
-POSITIONS = ('sincos', 'none', 'rope')
+POSITIONS = ('sincos', 'none', 'rope', 'rope_cyclic')
 
 
 class ViT(nn.Module):
@@ -233,6 +237,8 @@ class ViT(nn.Module):
     # 'sincos': MAE's fixed table; 'none': a zero table, tokens know their content and not their place (an
     # ablation, docs/results.md; the parameter stays, so checkpoints keep one layout); 'rope': a zero table and
     # rotary q·k (`rope_angles`): attention knows how far apart two tokens are, no token knows where it is
+    # (but a token at the border sees neighbours on one side only); 'rope_cyclic': the same with offsets modulo
+    # the grid, which has no border then
     position: str = 'sincos'
 
     @property
@@ -255,8 +261,8 @@ class ViT(nn.Module):
         if self.position not in POSITIONS:
             raise ValueError(f'position={self.position!r}: expected one of {POSITIONS}')
         init = sincos_init(self.grid, self.grid) if self.position == 'sincos' else nn.initializers.zeros
-        if self.position == 'rope' and (self.embed_dim // self.num_heads) % 4:
-            raise ValueError(f'position=rope needs a head width (embed_dim / num_heads) divisible by 4, got '
+        if self.position.startswith('rope') and (self.embed_dim // self.num_heads) % 4:
+            raise ValueError(f'position={self.position} needs a head width (embed_dim / num_heads) divisible by 4, got '
                              f'{self.embed_dim}/{self.num_heads}')
         self.pos_embed = self.param('pos_embed', init, (1, self.num_patches + 1, self.embed_dim))
         self.blocks = [Block(self.num_heads, self.mlp_ratio, self.dtype, self.fused_ops, name=f'blocks_{i}')
@@ -278,13 +284,13 @@ class ViT(nn.Module):
                        capture: Sequence[int] = (), keep=None):
         """Runs blocks[start:stop] on (batch, T, D) tokens (CLS first): all N patches in row-major order, or
         with `keep` (batch, T−1) the indices of the patches that x holds (MAE's visible tokens; only
-        position=rope reads it).
+        the rotary positions read it).
 
         Returns (x, outputs, cls_logits): `outputs[i]` is the token sequence after block i and `cls_logits[i]`
         the CLS-query logits (batch, heads, T−1) of block i's attention, for every i in `capture`.
         """
         stop = self.depth if stop is None else stop
-        angles = self.rope(x.shape[0], keep) if self.position == 'rope' else None
+        angles = self.rope(x.shape[0], keep) if self.position.startswith('rope') else None
         outputs, cls_logits = {}, {}
         for i in range(start, stop):
             x, logits = self.blocks[i](x, key_mask, i in capture, angles)
@@ -296,7 +302,8 @@ class ViT(nn.Module):
         """Rotary angles (batch, 1 + T, hd/2) of CLS (unused: `rope_attention`) and the patches."""
         coords = jnp.asarray(grid_coords(self.grid))
         coords = jnp.broadcast_to(coords, (batch, *coords.shape)) if keep is None else coords[keep]
-        angles = rope_angles(coords, self.embed_dim // self.num_heads)
+        angles = rope_angles(coords, self.embed_dim // self.num_heads,
+                             self.grid if self.position == 'rope_cyclic' else None)
         return jnp.concatenate([jnp.zeros_like(angles[:, :1]), angles], axis=1)
 
     def final_norm(self, x):
