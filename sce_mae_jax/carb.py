@@ -23,8 +23,9 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
+
+from sce_mae_jax.models.vit import grid_coords
 
 _HIGHEST = lax.Precision.HIGHEST
 # A finite "minus infinity": log(0) in eq. 3's score, where -inf would tie with the -inf that marks tokens that
@@ -291,9 +292,7 @@ def kept_indices(keep: jax.Array, size: int) -> tuple[jax.Array, jax.Array]:
 def token_positions(grid_h: int, grid_w: int, patch: int) -> jax.Array:
     """(N, 2) float32 (row, column) pixel centres of the tokens, row-major: token (r, c) at (p·r + p/2, p·c + p/2)."""
     # Built with NumPy: it depends only on static sizes, so under jit it is a constant, not a chain of ops.
-    r, c = np.meshgrid(np.arange(grid_h), np.arange(grid_w), indexing='ij')
-    pos = np.stack([r.reshape(-1), c.reshape(-1)], axis=-1) * patch + patch / 2.0
-    return jnp.asarray(pos, jnp.float32)
+    return jnp.asarray(grid_coords(grid_h, grid_w) * patch + patch / 2.0, jnp.float32)
 
 
 def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:

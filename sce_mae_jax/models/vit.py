@@ -99,9 +99,9 @@ def rope_attention(q, k, v, key_mask, scale, angles):
     return jnp.einsum('bhqk,bkhd->bqhd', probs, v)
 
 
-def grid_coords(grid: int) -> np.ndarray:
-    """(grid², 2) (row, column) of the patch tokens in row-major order."""
-    rows, cols = np.meshgrid(np.arange(grid), np.arange(grid), indexing='ij')
+def grid_coords(grid_h: int, grid_w: int) -> np.ndarray:
+    """(grid_h·grid_w, 2) integer (row, column) of the patch tokens in row-major order."""
+    rows, cols = np.meshgrid(np.arange(grid_h), np.arange(grid_w), indexing='ij')
     return np.stack([rows.reshape(-1), cols.reshape(-1)], axis=1)
 
 
@@ -300,7 +300,7 @@ class ViT(nn.Module):
 
     def rope(self, batch: int, keep=None):
         """Rotary angles (batch, 1 + T, hd/2) of CLS (unused: `rope_attention`) and the patches."""
-        coords = jnp.asarray(grid_coords(self.grid))
+        coords = jnp.asarray(grid_coords(self.grid, self.grid))
         coords = jnp.broadcast_to(coords, (batch, *coords.shape)) if keep is None else coords[keep]
         angles = rope_angles(coords, self.embed_dim // self.num_heads,
                              self.grid if self.position == 'rope_cyclic' else None)
