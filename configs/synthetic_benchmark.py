@@ -13,7 +13,9 @@ The quick start's layout (configs/quickstart.py) with a larger model and the pap
    and 100 faces x 3 seeds, 50 steps each) for mae and sce_mae, into WORKDIR/results.json,
    WORKDIR/report.md and WORKDIR/figures/.
 On `synthetic_wild` by default (`:data=synthetic` for the aligned faces; `:study=table4|projector` as the quick
-start). docs/results.md has the numbers it made on the aligned faces (2026-12-01) and its stage 1, stage 2 and
+start). `:backbone=deit_s` swaps both stages for the paper's DeiT-S recipes (400 epochs of batch 512; 128-d
+projector, 10 epochs) with the same evaluations: an accelerator's run (docs/reproducing.md, section 7).
+docs/results.md has the numbers it made on the aligned faces (2026-12-01) and its stage 1, stage 2 and
 matching on `synthetic_wild` (2026-12-03: `mae` level with `positions` at ~17 px different-identity, stage 2
 0.7 px worse; detection `mae` 18.4 % IOD against `positions` 68.2, stage 2 18.8 ± 0.4: no difference).
 Rerunning resumes; finished parts are not redone.
@@ -21,13 +23,17 @@ Rerunning resumes; finished parts are not redone.
 import ml_collections
 
 from sce_mae_jax import config_lib
+from sce_mae_jax.errors import ConfigError
 
 WIDTH = dict(embed_dim=192, depth=6, num_heads=3)
 
 
 def get_config(arg=None):
-    a = config_lib.parse_arg(arg, data='synthetic_wild', study='none')
+    a = config_lib.parse_arg(arg, data='synthetic_wild', study='none', backbone='bench')
     arg = f'data={a.data}'
+    if a.backbone not in ('bench', 'deit_s'):
+        raise ConfigError(f'backbone={a.backbone!r}: expected bench (6 x 192, the CPU benchmark) or deit_s '
+                          "(the paper's DeiT-S recipes, for an accelerator)")
     s1 = config_lib.mae('t', arg)
     s1.model.update(**WIDTH, decoder_embed_dim=128, decoder_depth=2, decoder_num_heads=4)
     s1.batch_size = 64
@@ -48,6 +54,10 @@ def get_config(arg=None):
     s2.checkpoint_every = 250
     s2.figure_every = 250
     s2.monitor.every = 100
+    if a.backbone == 'deit_s':
+        # the paper's DeiT-S recipes (configs/mae_deit_s.py, carb_deit_s.py 128-d) with this benchmark's data and
+        # evaluations: the run that would settle issue 17's criterion, on an accelerator (docs/reproducing.md §7)
+        s1, s2 = config_lib.mae('s', arg), config_lib.carb('s', arg, dim=128, eta=0.1)
 
     matching = config_lib.eval_matching(arg)
     matching.num_images = 1000        # the paper's 1,000 images → 1,000 pairs: 500 same- + 500 different-identity

@@ -38,6 +38,7 @@ def problem(*args):
     (['--config=configs/mae_deit_s.py', '--config.seed.x=1'], ['config.seed is a value']),
     (['--config=configs/mae_deit_s.py', '--config.batch_size=many'], ['--config.batch_size=many', 'int']),
     (['--config=configs/quickstart.py', '--config.stage2.data=zz'], ['config.stage2.data', "'zz'"]),
+    (['--config=configs/synthetic_benchmark.py:backbone=deit_b'], ["backbone='deit_b'", 'bench', 'deit_s']),
 ])
 def test_mistake_is_one_line_with_the_choices(args, expected):
     msg = problem(*args)
@@ -51,6 +52,7 @@ def test_mistake_is_one_line_with_the_choices(args, expected):
     ['--config', 'configs/carb_deit_s.py:ablation=no_lcr,dim=64'],
     ['--config=configs/eval_detection.py:data=mafl'],
     ['--config=configs/quickstart.py', '--config.stage1.total_steps=3'],
+    ['--config=configs/synthetic_benchmark.py:backbone=deit_s', '--config.stage1.model.dtype=bfloat16'],
 ])
 def test_valid_command_lines_pass(args):
     assert problem(*args) is None
