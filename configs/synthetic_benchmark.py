@@ -56,7 +56,9 @@ def get_config(arg=None):
     s2.monitor.every = 100
     if a.backbone == 'deit_s':
         # the paper's DeiT-S recipes (configs/mae_deit_s.py, carb_deit_s.py 128-d) with this benchmark's data and
-        # evaluations: the run that would settle issue 17's criterion, on an accelerator (docs/reproducing.md §7)
+        # evaluations: the run that would settle issue 17's criterion, on an accelerator (docs/reproducing.md §7).
+        # Replaced here rather than branched above: docs/configs.md reads the default's comments from the
+        # top-level statements of get_config
         s1, s2 = config_lib.mae('s', arg), config_lib.carb('s', arg, dim=128, eta=0.1)
 
     matching = config_lib.eval_matching(arg)
