@@ -17,7 +17,10 @@ WORKDIR/detection/<set>/<row>/ and resumes there; results.json / report.md get `
 IOD, lower is better) and figures/detection_<set>.png shows the detections. Expect sce_mae ≤ mae < random_init
 on real data (paper: DeiT-S 2.08 / 5.33 / 5.40 / 4.69 / 3.94 on MAFL / AFLW_M / AFLW_R / AFLW_RC / 300W).
 Quick look: --config.total_steps=200 --config.num_test_images=200. A rerun with the same config and
-checkpoints returns the stored numbers.
+checkpoints returns the stored numbers. --config.regressor_seeds=3 trains every row without stage-2 seed
+replicates (`--config.extra=sce_mae@seed1=DIR,...`) with regressor seeds seed, seed+1, seed+2 (rows ROW@reg1,
+ROW@reg2 in results.json, folded into mean ± std): the report judges sce_mae against mae only when mae has that
+spread, since one regressor's seed moves the error about as much as stage 2 does (docs/results.md).
 """
 from sce_mae_jax import config_lib
 

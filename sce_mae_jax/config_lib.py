@@ -278,6 +278,10 @@ def eval_detection(arg: str | None) -> ml_collections.ConfigDict:
     c = _regressor_job('eval_detection', arg, data='synthetic', lr=1e-3, augment='none')
     # Regressor epochs per dataset (the paper gives none; our choice). '300w' is spelled w300 (a field name).
     c.epochs = dict(synthetic=20, mafl=50, aflw_m=50, aflw_r=50, w300=100)
+    # regressors per row without stage-2 seed replicates (seeds seed, seed + 1, ...; results ROW@regK): a row's
+    # spread then includes the regressor's own, and the report judges `sce_mae` against `mae` only when `mae`
+    # has one (a row with stage-2 replicates has its spread from them, one regressor each)
+    c.regressor_seeds = 1
     return c
 
 

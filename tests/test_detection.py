@@ -297,6 +297,8 @@ def _config(models, fn=config_lib.eval_detection, arg=None, **fields):
     ({'augment': 'flip'}, "augment='flip'"),
     ({'batch_size': 32}, 'fewer than one batch'),
     ({'rows': ('pixels', 'bogus')}, 'unknown row'),
+    ({'regressor_seeds': 0}, 'regressor_seeds=0 must be an integer ≥ 1'),
+    ({'extra': 'sce_mae@reg1=/x'}, '"@" only marks a stage-2 seed replicate'),
 ])
 def test_bad_inputs_are_config_errors(models, tmp_path, fields, message):
     with pytest.raises(ConfigError, match=message.replace('(', r'\(').replace(')', r'\)')):
@@ -307,6 +309,22 @@ def test_changed_settings_in_a_used_workdir_are_a_config_error(detection_run, mo
     wd, _ = detection_run
     with pytest.raises(ConfigError, match='trained with other settings'):   # here: other regressor widths
         D.run(_config(models, rows=('pixels',)), str(wd))
+
+
+def test_regressor_seeds_replicate_the_rows_without_stage2_replicates(models, tmp_path):
+    s2 = str(models[1])
+    config = _config(models, rows=('mae', 'sce_mae'), regressor_seeds=2, only='synthetic_5', total_steps=2,
+                     extra=f'sce_mae@seed1={s2}')
+    out = D.run(config, str(tmp_path))['detection']
+    # mae has no stage-2 replicates: two regressors (seeds 0, 1); sce_mae has one: one regressor per replicate
+    assert sorted(out) == ['mae', 'mae@reg1', 'sce_mae', 'sce_mae@seed1']
+    unit = tmp_path / 'detection' / 'synthetic_5'
+    assert [json.load(open(unit / r / 'regressor.json'))['seed'] for r in ('mae', 'mae@reg1', 'sce_mae')] == [0, 1, 0]
+    assert out['mae']['synthetic_5'] != out['mae@reg1']['synthetic_5']   # another initialisation and batch order
+    results = json.load(open(tmp_path / 'results.json'))
+    assert results['spread']['detection']['mae']['synthetic_5'][2] == 2
+    assert '- `sce_mae`: synthetic_5 ' in open(tmp_path / 'report.md').read()
+    assert D.run(config, str(tmp_path))['detection'] == out   # stored: every replicate returned
 
 
 def test_limited_job_reports_mean_and_std_over_seeds(models, tmp_path):

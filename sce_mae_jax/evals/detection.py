@@ -14,6 +14,7 @@ Workdir layout (WORKDIR is `--workdir`):
     WORKDIR/results.json, report.md          the numbers (evals/report.py), merged with other evaluations
     WORKDIR/figures/detection_<set>.png      detections vs ground truth on test faces, one row per model row
     WORKDIR/detection/<set>/<row>/           that regressor's checkpoints, metrics.jsonl, tb/, regressor.json
+    WORKDIR/detection/<set>/<row>@reg<K>/    the same row's regressor of seed `seed` + K (`regressor_seeds`)
     WORKDIR/limited/<set>/<row>/n<N>_seed<S>/   the same for one limited-annotation run
 Training checkpoints and resumes through `common.train_loop`; rerunning a finished job with the same config and
 checkpoints returns the stored numbers (`report.stored`).
@@ -36,7 +37,6 @@ from sce_mae_jax import fileio, progress
 from sce_mae_jax.data import pipeline, tps
 from sce_mae_jax.evals import features, regressor, report
 from sce_mae_jax.evals.metrics import iod_error
-from sce_mae_jax.evals.report import SEED_MARK
 from sce_mae_jax.evals.rows import load_rows
 from sce_mae_jax.models.vit import ViT
 from sce_mae_jax.train import common
@@ -172,6 +172,9 @@ def validate(config, *, limited: bool = False) -> None:
         problems.append(f'lr={config.lr} must be > 0 and weight_decay={config.weight_decay} ≥ 0')
     if config.num_train_images < 0 or config.num_test_images < 0:
         problems.append('num_train_images and num_test_images must be ≥ 0 (0 = the whole split)')
+    if not limited and (not isinstance(config.regressor_seeds, int) or config.regressor_seeds < 1):
+        problems.append(f'regressor_seeds={config.regressor_seeds!r} must be an integer ≥ 1 (regressors per row '
+                        'without stage-2 replicates)')
     if limited:
         lc = config.limited
         if not lc.sizes or any(int(n) < 1 for n in lc.sizes):
@@ -226,12 +229,13 @@ def run(config, workdir: str) -> dict:
             logging.info('detection %s: results with fingerprint %s already in %s; returning them without '
                          'recomputing', ','.join(keys), fp, os.path.join(workdir, report.RESULTS))
             for k, s in zip(keys, stored):
-                for r in rows:
-                    results.setdefault(r.name, {})[k] = s['detection'][r.name][k]
+                for name in _result_names(rows, config.regressor_seeds):
+                    results.setdefault(name, {})[k] = s['detection'][name][k]
             continue
         _check_train_size(len(task.train), config, f'the {task.name} train split')
         todo.append(task)
-    done = progress.Progress('detection', len(todo) * len([r for r in rows if r.kind != MEAN_SHAPE]))
+    done = progress.Progress('detection', len(todo) * len([n for n in _result_names(rows, config.regressor_seeds)
+                                                          if n != MEAN_SHAPE]))
     for task in todo:
         per_row, figure_points = {}, {}
         steps_per_epoch = len(task.train) // config.batch_size
@@ -243,19 +247,20 @@ def run(config, workdir: str) -> dict:
         for row in rows:
             if row.kind == MEAN_SHAPE:
                 continue
-            unit = os.path.join(workdir, 'detection', task.name, row.name)
             fns = regressor.Regression(config, row=row, encoder=encoder, mesh=mesh, task=task, total_steps=total,
                                        lr=config.lr)
-            settings = regressor.training_settings(config, row, task, len(task.train), total, config.lr, {
-                'augment': config.augment, 'tps': config.tps.to_dict() if augment else None})
-            out = regressor.train_and_test(config, unit, fns, train_source=task.train, transform=transform,
-                                 random_transform=augment, seed=config.seed, settings=settings,
-                                 figure_faces=config.figures.faces)
-            if out is None:
-                logging.warning('detection stopped by a preemption signal; rerun the same command to resume')
-                return {'detection': results}
-            per_row[row.name], figure_points[row.name] = out
-            done.step(f'{task.name}/{row.name}')
+            for name, seed in _regressors(row, rows, config.regressor_seeds, config.seed):
+                unit = os.path.join(workdir, 'detection', task.name, name)
+                settings = regressor.training_settings(config, row, task, len(task.train), total, config.lr, {
+                    'augment': config.augment, 'tps': config.tps.to_dict() if augment else None, 'seed': seed})
+                out = regressor.train_and_test(config, unit, fns, train_source=task.train, transform=transform,
+                                               random_transform=augment, seed=seed, settings=settings,
+                                               figure_faces=config.figures.faces if name == row.name else 0)
+                if out is None:
+                    logging.warning('detection stopped by a preemption signal; rerun the same command to resume')
+                    return {'detection': results}
+                per_row[name], figure_points[name] = out
+                done.step(f'{task.name}/{name}')
         if any(r.kind == MEAN_SHAPE for r in rows):
             for key, err in mean_shape_errors(task, transform_size=encoder.image_size).items():
                 per_row.setdefault(MEAN_SHAPE, {})[key] = err
@@ -265,7 +270,8 @@ def run(config, workdir: str) -> dict:
                 rel = os.path.join('figures', f'detection_{key}.png')
                 if jax.process_index() == 0:
                     save_detection_png(os.path.join(workdir, rel), view, rows_points={
-                        r: (figure_points[r][key], per_row[r][key]) for r in figure_points if SEED_MARK not in r},
+                        r: (figure_points[r][key], per_row[r][key]) for r in figure_points
+                        if not report.is_replicate(r)},
                         title=f'detection on {key} (test): ground truth green, prediction red',
                         size=encoder.image_size)
                 figs = [(f'Detections on {key} test faces (paper Fig. S4)', rel)]
@@ -280,6 +286,24 @@ def run(config, workdir: str) -> dict:
 
 
 MEAN_SHAPE = 'mean_shape'  # the detection row that predicts the training set's mean landmarks for every face
+
+
+def _regressors(row, rows, regressor_seeds: int, seed: int) -> list[tuple[str, int]]:
+    """(result name, regressor seed) of every regressor `row` trains. A row with stage-2 seed replicates
+    (`ROW@seedS` among `rows`, or one itself) has its spread from them and trains one regressor (`seed`); any
+    other row trains `regressor_seeds` of them, seeds `seed`, `seed` + 1, ..., the first under its own name and
+    the others as its replicates `ROW@regK`, so that every row a verdict compares has a spread that includes
+    the regressor's."""
+    replicated = any(report.is_replicate(r.name) and report.base_row(r.name) == report.base_row(row.name)
+                     for r in rows)
+    return [(row.name if i == 0 else f'{row.name}{report.REGRESSOR_MARK}{i}', int(seed) + i)
+            for i in range(1 if replicated else int(regressor_seeds))]
+
+
+def _result_names(rows, regressor_seeds: int) -> list[str]:
+    """Every name a detection job reports, in order: the rows' regressors (`_regressors`) and `mean_shape`."""
+    return [n for r in rows for n, _ in ([(r.name, 0)] if r.kind == MEAN_SHAPE
+                                         else _regressors(r, rows, regressor_seeds, 0))]
 
 
 def mean_shape_errors(task: Task, *, transform_size: int) -> dict[str, float]:

@@ -9,8 +9,10 @@ results.json:
      "limited":    {ROW: {"1": [mean, std], "5": ..., ...}},         the same, AFLW_M, N annotations (Table 3)
      "silhouette": {ROW: [mean, std]},                               t-SNE of landmark descriptors (Fig. 5)
      "premise":    {ROW: {BLOCK: {...}}},                            attentive-split diagnostic (evals/attentive.py)
-     "spread":     {"matching"|"detection": {ROW: {COLUMN: [mean, std, n]}}}   rows with seed replicates
-                                                                     `ROW@seedS` (quickstart.py), over all seeds
+     "spread":     {"matching"|"detection": {ROW: {COLUMN: [mean, std, n]}}}   rows with replicates, over
+                                                                     all of them: stage-2 seeds `ROW@seedS`
+                                                                     (quickstart.py) and, in detection, regressor
+                                                                     seeds `ROW@regK` (`regressor_seeds`)
      "meta":       {JOB_KEY: {"command", "config", "rows", "versions", "fingerprint", "figures", ...}}}
 Several jobs may write into one workdir (the quick start does): each merges its section, and a job whose
 fingerprint (config + checkpoints) is already stored returns the stored numbers instead of recomputing.
@@ -118,15 +120,25 @@ def _rows(section: dict) -> list[str]:
 
 
 SEED_MARK = '@seed'  # 'ROW@seedS': a replicate of ROW trained with another seed (quickstart.stage2_runs)
+REGRESSOR_MARK = '@reg'  # 'ROW@regK': ROW's detection regressor trained with seed + K (detection.run)
+
+
+def base_row(name: str) -> str:
+    """The row a result belongs to: 'sce_mae' for 'sce_mae', 'sce_mae@seed1' and 'mae@reg2' alike."""
+    return name.partition('@')[0]
+
+
+def is_replicate(name: str) -> bool:
+    return base_row(name) != name
 
 
 def spread(section: dict) -> dict:
-    """{ROW: {COLUMN: [mean, std, n]}} for every row that has seed replicates `ROW@seedS` in `section`
+    """{ROW: {COLUMN: [mean, std, n]}} for every row that has replicates (`ROW@seedS`, `ROW@regK`) in `section`
     ({ROW: {COLUMN: float}}): the row itself and its replicates, std with n − 1 (0 for n = 1)."""
     out = {}
     for row in section:
-        reps = [r for r in section if r.startswith(row + SEED_MARK)]
-        if SEED_MARK in row or not reps:
+        reps = [r for r in section if is_replicate(r) and base_row(r) == row]
+        if is_replicate(row) or not reps:
             continue
         cols = {}
         for col, value in section[row].items():
@@ -140,18 +152,20 @@ def spread(section: dict) -> dict:
     return out
 
 
+def _values(section: dict, row: str, column: str) -> list[float]:
+    return [section[x][column] for x in section if base_row(x) == row and isinstance(section[x].get(column),
+                                                                                     (int, float))]
+
+
 def versus(section: dict, row: str, reference: str, column: str) -> str | None:
-    """How `row` (over its seeds) compares with `reference` in `column`, lower being better: 'better' or 'worse'
-    only when every seed lies on that side of the reference's value (or its seeds' range) and the means differ
-    by more than the larger std; else 'no difference'. None when either is missing."""
-    def values(r):
-        return [section[x][column] for x in section if (x == r or x.startswith(r + SEED_MARK))
-                and isinstance(section[x].get(column), (int, float))]
-    a, b = values(row), values(reference)
+    """How `row` (over its replicates) compares with `reference` in `column`, lower being better: 'better' or
+    'worse' only when every run lies on that side of the reference's value (or its runs' range) and the means
+    differ by more than the larger std; else 'no difference'. None when either is missing."""
+    a, b = _values(section, row, column), _values(section, reference, column)
     if not a or not b:
         return None
     spreads = [v[column][1] for v in spread({k: section[k] for k in section
-                                              if k.split(SEED_MARK)[0] in (row, reference)}).values()
+                                              if base_row(k) in (row, reference)}).values()
                if column in v]
     gap = sum(a) / len(a) - sum(b) / len(b)
     if max(a) < min(b) and -gap > max(spreads, default=0.0):
@@ -165,7 +179,7 @@ def _with_spread(section: dict) -> dict:
     """The section as the report shows it: a row with seed replicates as [mean, std], replicates folded in."""
     folded = spread(section)
     return {r: ({c: v[:2] for c, v in folded[r].items()} if r in folded else v)
-            for r, v in section.items() if SEED_MARK not in r}
+            for r, v in section.items() if not is_replicate(r)}
 
 
 def _fmt(v, digits: int = 2) -> str:
@@ -182,20 +196,40 @@ def _table(section: dict, columns: list[str], header: list[str], digits: dict | 
     return out
 
 
-def _verdicts(section: dict, columns: list[str]) -> list[str]:
-    """Under a table with seed replicates: each stage-2 row against `mae`, column by column (`versus`)."""
+def _verdicts(section: dict, columns: list[str], *, trained: bool = False) -> list[str]:
+    """Under a table with replicates: each row with replicates against `mae`, column by column (`versus`).
+    `trained`: every number comes out of a trained regressor (detection), so a `mae` of one regressor has an
+    unknown spread of its own and no verdict is given against it."""
     folded = spread(section)
     if not folded:
         return []
-    n = max(v[2] for cols in folded.values() for v in cols.values())
-    lines = ['', f'Rows with seed replicates show mean ± std over {n} stage-2 seeds. Against `mae` (lower is '
-                 'better; a difference counts only when every seed is on the same side and the means differ by '
-                 'more than the std):', '']
+    runs = ', '.join(f'`{r}` {max(v[2] for v in folded[r].values())}' for r in _rows(folded))
+    lines = ['', f'Rows with replicates show mean ± std over their runs ({runs}: stage-2 seeds `@seedS`'
+             + (', regressor seeds `@regK`' if trained else '') + ').', '']
+    if trained and len(_values(section, 'mae', columns[0])) == 1:
+        return lines + ['`mae` has a single regressor, whose seed-to-seed spread is unknown: no verdict against '
+                        'it (`--config.regressor_seeds=3` trains every row without stage-2 replicates three '
+                        'times).']
+    lines += ['Against `mae` (lower is better; a difference counts only when every run is on the same side and '
+              'the means differ by more than the larger std):', '']
     for row in [r for r in _rows(folded) if r != 'mae']:
         said = [f'{c} {versus(section, row, "mae", c)}' for c in columns if versus(section, row, 'mae', c)]
         if said:
             lines.append(f'- `{row}`: ' + ', '.join(said))
     return lines
+
+
+def limited_runs(results: dict) -> dict:
+    """The limited-annotation runs as a section {ROW or ROW@drawI: {N: error}}: every draw of every row (and of
+    its stage-2 replicates) a run of the row, so `versus` can weigh them; {} without runs."""
+    runs = next((v['runs'] for k, v in sorted(results.get('meta', {}).items())
+                 if k.startswith('limited/') and 'runs' in v), {})
+    out = {}
+    for row, per_n in runs.items():
+        for n, errs in per_n.items():
+            for i, err in enumerate(errs):
+                out.setdefault(row if i == 0 else f'{row}@draw{i}', {})[n] = err
+    return out
 
 
 def render(results: dict) -> str:
@@ -238,13 +272,22 @@ def render(results: dict) -> str:
                   '100 × mean(‖pred − gt‖ / inter-ocular distance): eye centres for 5-point sets, outer eye '
                   'corners (36, 45) for 68 points. Frozen features, trained regressor. Lower is better.', '']
         lines += _table(_with_spread(results['detection']), sets, sets)
-        lines += _verdicts(results['detection'], sets)
+        lines += _verdicts(results['detection'], sets, trained=True)
         lines += ['', f'Paper: {PAPER["detection"]}', '']
     if 'limited' in results:
         ns = sorted({n for v in results['limited'].values() for n in v}, key=int)
         lines += ['## Limited annotations (paper Table 3)', '',
                   'The detection error with N annotated training images, mean ± std over seeds.', '']
         lines += _table(results['limited'], ns, [f'{n}' for n in ns])
+        runs = limited_runs(results)
+        if len(_values(runs, 'mae', ns[0])) > 1:
+            lines += ['', 'Against `mae`, each row with all its runs (draws × stage-2 seeds; lower is better; a '
+                      'difference counts only when every run is on the same side and the means differ by more '
+                      'than the larger std):', '']
+            for row in [r for r in _rows(runs) if r != 'mae' and not is_replicate(r)]:
+                said = [f'N = {n} {versus(runs, row, "mae", n)}' for n in ns if versus(runs, row, 'mae', n)]
+                if said:
+                    lines.append(f'- `{row}`: ' + ', '.join(said))
         lines += ['', f'Paper: {PAPER["limited"]}', '']
     if 'premise' in results:
         lines += ['## Do attentive tokens cover the landmarks? (paper §3.2 premise)', '',

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import re
 from typing import Any
 
 import jax
@@ -65,6 +66,10 @@ def parse_extra(extra: str) -> list[tuple[str, str]]:
             raise ConfigError(f'extra={extra!r}: expected NAME=STAGE2_WORKDIR[,NAME=DIR...]')
         if name in ROWS:
             raise ConfigError(f'extra row name {name!r} is taken by a standard row ({", ".join(ROWS)}); rename it')
+        base, at, mark = name.partition('@')
+        if at and not (base and re.fullmatch(r'seed\d+', mark)):
+            raise ConfigError(f'extra row name {name!r}: "@" only marks a stage-2 seed replicate, ROW@seedS '
+                              '(folded into ROW by the report); rename it')
         out.append((name, path))
     return out
 
