@@ -210,10 +210,15 @@ def _verdicts(section: dict, columns: list[str], *, trained: bool = False) -> li
         return lines + ['`mae` has a single regressor, whose seed-to-seed spread is unknown: no verdict against '
                         'it (`--config.regressor_seeds=3` trains every row without stage-2 replicates three '
                         'times).']
-    lines += ['Against `mae` (lower is better; a difference counts only when every run is on the same side and '
-              'the means differ by more than the larger std):', '']
-    for row in [r for r in _rows(folded) if r != 'mae']:
-        said = [f'{c} {versus(section, row, "mae", c)}' for c in columns if versus(section, row, 'mae', c)]
+    return lines + _against_mae(section, [r for r in _rows(folded) if r != 'mae'], columns, 'Against `mae`')
+
+
+def _against_mae(section: dict, rows: list[str], columns: list[str], intro: str, label=str) -> list[str]:
+    """`intro` and the rule, then one line per row of `rows` with its `versus` `mae` in each column."""
+    lines = [f'{intro} (lower is better; a difference counts only when every run is on the same side and the means '
+             'differ by more than the larger std):', '']
+    for row in rows:
+        said = [f'{label(c)} {v}' for c in columns if (v := versus(section, row, 'mae', c))]
         if said:
             lines.append(f'- `{row}`: ' + ', '.join(said))
     return lines
@@ -281,13 +286,9 @@ def render(results: dict) -> str:
         lines += _table(results['limited'], ns, [f'{n}' for n in ns])
         runs = limited_runs(results)
         if len(_values(runs, 'mae', ns[0])) > 1:
-            lines += ['', 'Against `mae`, each row with all its runs (draws × stage-2 seeds; lower is better; a '
-                      'difference counts only when every run is on the same side and the means differ by more '
-                      'than the larger std):', '']
-            for row in [r for r in _rows(runs) if r != 'mae' and not is_replicate(r)]:
-                said = [f'N = {n} {versus(runs, row, "mae", n)}' for n in ns if versus(runs, row, 'mae', n)]
-                if said:
-                    lines.append(f'- `{row}`: ' + ', '.join(said))
+            lines += [''] + _against_mae(
+                runs, [r for r in _rows(runs) if r != 'mae' and not is_replicate(r)], ns,
+                'Against `mae`, each row over all its runs, draws × stage-2 seeds', label=lambda n: f'N = {n}')
         lines += ['', f'Paper: {PAPER["limited"]}', '']
     if 'premise' in results:
         lines += ['## Do attentive tokens cover the landmarks? (paper §3.2 premise)', '',
