@@ -1,4 +1,5 @@
-r"""The synthetic benchmark: the whole method at a size that took about an hour on a 2-core CPU (2026-12-01).
+r"""The synthetic benchmark: the whole method at a size that took about an hour on a 2-core CPU
+(2026-12-01, one stage-2 seed).
 
     python -m sce_mae_jax.main --config=configs/synthetic_benchmark.py --workdir=/tmp/sce_mae_benchmark
 
@@ -10,10 +11,10 @@ The quick start's layout (configs/quickstart.py) with a larger model and the pap
    WORKDIR/stage2_random_init (the control).
 3. Matching on 500 + 500 synthetic pairs (the paper's 1,000 images), detection of 5 and 68 points (regressors
    of 300 steps on the 5,000 training faces, tested on all 1,000 test faces; three regressor seeds for every
-   row without stage-2 seeds, so that `mae`'s spread includes its regressor's: 36 regressors where the hour
-   held 12, about 3.5 min each on the shared VM, not timed since), and limited annotations (1, 10
-   and 100 faces x 3 seeds, 50 steps each) for mae and sce_mae, into WORKDIR/results.json,
-   WORKDIR/report.md and WORKDIR/figures/.
+   row without stage-2 seeds, so that `mae`'s spread includes its regressor's: 36 regressors, 16 before that,
+   12 in the timed hour; about 3.5 min each on the shared VM), and limited annotations (1, 10 and 100 faces
+   x 3 seeds, 50 steps each) for mae and sce_mae, into WORKDIR/results.json, WORKDIR/report.md and
+   WORKDIR/figures/.
 On `synthetic_wild` by default (`:data=synthetic` for the aligned faces; `:study=table4|projector` as the quick
 start). `:backbone=deit_s` swaps both stages for the paper's DeiT-S recipes (400 epochs of batch 512; 128-d
 projector, 10 epochs) with the same evaluations: an accelerator's run (docs/reproducing.md, section 7).

@@ -52,3 +52,27 @@ def test_limited_verdicts_weigh_every_draw_of_every_stage2_seed():
     one = {r: {'10': v['10'][:1]} for r, v in runs.items()}
     assert _verdict_lines(report.render({**results, 'meta': {'limited/s5': {'runs': one}}}),
                           'Limited annotations') == []
+
+
+def test_detection_withholds_the_verdict_only_on_sets_where_mae_has_one_regressor():
+    # a5 run with regressor_seeds=3, b68 earlier with 1 (`--config.only` runs one set at a time)
+    detection = {'mae': {'a5': 11.0, 'b68': 10.0}, 'mae@reg1': {'a5': 11.1}, 'mae@reg2': {'a5': 10.9},
+                 'sce_mae': {'a5': 9.0, 'b68': 9.0}, 'sce_mae@seed1': {'a5': 9.1, 'b68': 9.1}}
+    text = report.render({'detection': detection})
+    lines = _verdict_lines(text, 'Landmark detection')
+    assert '(`mae` 1-3, `sce_mae` 2: ' in lines[0]
+    assert lines[1].startswith('`mae` has a single regressor on b68,') and lines[-1] == '- `sce_mae`: a5 better'
+    assert '| `mae` | 11.00 ± 0.10 | 10.00 |' in text   # one run: no "± 0.00"
+
+
+def test_a_section_replaced_whole_drops_the_meta_of_the_job_that_wrote_it(tmp_path, monkeypatch):
+    # limited annotations on one set, then on another: the verdicts read the runs of the job whose table is shown
+    monkeypatch.setattr(report, 'versions', lambda: {})
+    old = {'mae': {'10': [50.0, 52.0, 51.0]}, 'sce_mae': {'10': [41.0, 40.0, 42.0]}}
+    new = {'mae': {'10': [31.0, 30.0, 32.0]}, 'sce_mae': {'10': [41.0, 40.0, 42.0]}}
+    for key, runs in (('limited/aflw_m', old), ('limited/synthetic_5', new)):
+        table = {r: {'10': [sum(v['10']) / 3, 1.0]} for r, v in runs.items()}
+        results = report.update(str(tmp_path), {'limited': table}, job_key=key, meta={'runs': runs})
+    assert sorted(results['meta']) == ['limited/synthetic_5']
+    assert _verdict_lines(open(tmp_path / 'report.md').read(), 'Limited annotations') == [
+        '- `sce_mae`: N = 10 worse']

@@ -94,8 +94,8 @@ def update(workdir: str, sections: dict[str, Any], job_key: str, meta: dict, col
     """Writes `sections` (e.g. {'matching': {ROW: {...}}}) and `meta` under `job_key`, rewrites both files.
 
     A job replaces what it owns, so rows of an earlier run that this one skipped do not linger under its meta:
-    without `column` the whole sections; with `column` (a detection set) that column of every row, the other
-    columns (other sets' jobs) kept."""
+    without `column` the whole sections (and the meta `SECTION/...` of the job that wrote them before); with
+    `column` (a detection set) that column of every row, the other columns (other sets' jobs) kept."""
     results = load(workdir)
     for name, section in sections.items():
         if column is None:
@@ -105,6 +105,10 @@ def update(workdir: str, sections: dict[str, Any], job_key: str, meta: dict, col
                 row.pop(column, None)
             _merge(results.setdefault(name, {}), section)
             results[name] = {r: v for r, v in results[name].items() if v}
+    if column is None:  # a section replaced whole: the meta of the job that wrote it before goes with it
+        for name in sections:
+            for key in [k for k in results.get('meta', {}) if k.startswith(name + '/') and k != job_key]:
+                del results['meta'][key]
     results.setdefault('meta', {})[job_key] = {'command': command_line(), 'versions': versions(), **meta}
     results['spread'] = {name: spread(results[name]) for name in ('matching', 'detection') if name in results}
     results['spread'] = {k: v for k, v in results['spread'].items() if v}
@@ -176,9 +180,10 @@ def versus(section: dict, row: str, reference: str, column: str) -> str | None:
 
 
 def _with_spread(section: dict) -> dict:
-    """The section as the report shows it: a row with seed replicates as [mean, std], replicates folded in."""
+    """The section as the report shows it: a row with replicates as [mean, std] (where a column has more than
+    one run), replicates folded in."""
     folded = spread(section)
-    return {r: ({c: v[:2] for c, v in folded[r].items()} if r in folded else v)
+    return {r: ({c: v[:2] if v[2] > 1 else v[0] for c, v in folded[r].items()} if r in folded else v)
             for r, v in section.items() if not is_replicate(r)}
 
 
@@ -203,14 +208,22 @@ def _verdicts(section: dict, columns: list[str], *, trained: bool = False) -> li
     folded = spread(section)
     if not folded:
         return []
-    runs = ', '.join(f'`{r}` {max(v[2] for v in folded[r].values())}' for r in _rows(folded))
+    def count(r):
+        lo, hi = min(v[2] for v in folded[r].values()), max(v[2] for v in folded[r].values())
+        return f'{lo}' if lo == hi else f'{lo}-{hi}'
+    runs = ', '.join(f'`{r}` {count(r)}' for r in _rows(folded))
     lines = ['', f'Rows with replicates show mean ± std over their runs ({runs}: stage-2 seeds `@seedS`'
              + (', regressor seeds `@regK`' if trained else '') + ').', '']
-    if trained and len(_values(section, 'mae', columns[0])) == 1:
-        return lines + ['`mae` has a single regressor, whose seed-to-seed spread is unknown: no verdict against '
-                        'it (`--config.regressor_seeds=3` trains every row without stage-2 replicates three '
-                        'times).']
-    return lines + _against_mae(section, [r for r in _rows(folded) if r != 'mae'], columns, 'Against `mae`')
+    # a trained `mae` is judged against only where it has runs of its own to show its spread, column by column
+    single = [c for c in columns if trained and len(_values(section, 'mae', c)) == 1]
+    if single:
+        lines += [f'`mae` has a single regressor on {", ".join(single)}, whose seed-to-seed spread is unknown: no '
+                  'verdict against it there (`--config.regressor_seeds=3` trains every row without stage-2 '
+                  'replicates three times).', '']
+    judged = [c for c in columns if c not in single]
+    if not judged:
+        return lines[:-1]
+    return lines + _against_mae(section, [r for r in _rows(folded) if r != 'mae'], judged, 'Against `mae`')
 
 
 def _against_mae(section: dict, rows: list[str], columns: list[str], intro: str, label=str) -> list[str]:
