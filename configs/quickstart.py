@@ -10,12 +10,14 @@ On `synthetic_wild` (faces anywhere in the crop; `:data=synthetic` for the align
    backbone into WORKDIR/stage2_random_init (the control).
    Both stages log the training monitor's matching error (50 pairs) beside the loss in metrics.jsonl.
 3. Landmark matching on 150 + 150 synthetic pairs and landmark detection (the 5 MAFL points) with small
-   regressors, every row of the paper's tables plus controls, into WORKDIR/results.json, WORKDIR/report.md and
+   regressors (three seeds for each row without stage-2 seeds, so that `mae` has a spread to be judged by),
+   every row of the paper's tables plus controls, into WORKDIR/results.json, WORKDIR/report.md and
    WORKDIR/figures/.
-Expect (docs/results.md, 2026-12-03; 332 s of the job on an idle 2-core VM): `mae` below `random_init` and
-`pixels` on different-identity matching but level with `positions` (~17.5 px: a short stage 1 learns little
-beyond position), `sce_mae` (linear projector) slightly below `mae` there and above it at same-identity; the
-60-step detection regressors are far from converged (~50 % IOD) and only rank the rows.
+Expect (docs/results.md, 2026-12-03; 332 s of the job on an idle 2-core VM, before the regressor seeds): `mae`
+below `random_init` and `pixels` on different-identity matching but level with `positions` (~17.5 px: a short
+stage 1 learns little beyond position), `sce_mae` (linear projector) slightly below `mae` there and above it at
+same-identity; the 60-step detection regressors are far from converged (~50 % IOD) and only rank the rows,
+`sce_mae` below `mae`'s three regressors on every stage-1 seed measured.
 `:study=projector` / `:study=table4` train the stage-2 variants of config_lib.STUDIES beside the default and
 compare them at matching. Rerunning resumes; finished parts are not redone. Change a part with e.g.
 --config.stage1.total_steps=1000 or --config.evals.matching.num_images=1000.
@@ -64,6 +66,7 @@ def get_config(arg=None):
     detection.only = f'{a.data}_5'   # the 5 MAFL points; '' adds the 68-point set (twice the regressors)
     detection.batch_size = 16
     detection.regressor.hidden = (64,)
+    detection.regressor_seeds = 3     # rows without stage-2 seeds over 3 regressors: the verdict weighs their spread
     detection.figures.faces = 4
 
     c = ml_collections.ConfigDict()
