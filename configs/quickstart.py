@@ -13,7 +13,7 @@ On `synthetic_wild` (faces anywhere in the crop; `:data=synthetic` for the align
    regressors (three seeds for each row without stage-2 seeds, so that `mae` has a spread to be judged by),
    every row of the paper's tables plus controls, into WORKDIR/results.json, WORKDIR/report.md and
    WORKDIR/figures/.
-Expect (docs/results.md, 2026-12-03; 332 s of the job on an idle 2-core VM, before the regressor seeds): `mae`
+Expect (docs/results.md, 2026-12-03; 376 s of the job on the idle 2-core VM on 12-07 with the regressor seeds): `mae`
 below `random_init` and `pixels` on different-identity matching but level with `positions` (~17.5 px: a short
 stage 1 learns little beyond position), `sce_mae` (linear projector) slightly below `mae` there and above it at
 same-identity; the 60-step detection regressors are far from converged (~50 % IOD) and only rank the rows,
