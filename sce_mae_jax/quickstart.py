@@ -12,7 +12,7 @@ from absl import logging
 
 from sce_mae_jax.models.mae import RANDOM_INIT
 from sce_mae_jax import config_lib
-from sce_mae_jax.evals import detection, matching
+from sce_mae_jax.evals import detection, matching, report
 from sce_mae_jax.train import carb, pretrain, split_inputs
 from sce_mae_jax.errors import ConfigError
 from sce_mae_jax import workdir as workdir_lib
@@ -73,7 +73,7 @@ def stage2_runs(config) -> list[tuple[str, str, dict]]:
         base = 'stage2' if name == 'sce_mae' else f'stage2_{name}'
         overrides = parse_overrides(spec)
         for i, seed in enumerate(seeds):
-            row, folder = (name, base) if i == 0 else (f'{name}@seed{seed}', f'{base}_seed{seed}')
+            row, folder = (name, base) if i == 0 else (f'{name}{report.SEED_MARK}{seed}', f'{base}_seed{seed}')
             runs.append((row, folder, {**overrides, 'seed': seed}))
     return runs
 

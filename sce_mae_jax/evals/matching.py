@@ -195,7 +195,7 @@ def run(config, workdir: str) -> dict:
         fns[row.name] = (key, fn, backbone, proj)
         logging.info("matching %s: same %.2f, diff %.2f (70-px frame), positional share %.3f", row.name,
                      table[row.name].get("same", -1), table[row.name].get("diff", -1), table[row.name]["positional"])
-    shown = [r for r in rows if report.SEED_MARK not in r.name]  # seed replicates: numbers only, no figures
+    shown = [r for r in rows if not report.is_replicate(r.name)]  # seed replicates: numbers only, no figures
     figs, silhouette = plots.matching_figures(workdir, pairs, shown, fns, config.figures, mesh) if \
         config.figures.pairs > 0 else ([], {})
     figs += plots.training_figures(workdir, rows)
